@@ -1,0 +1,74 @@
+//! Our own pickle codec: decode what CPython's `pickle.dumps` writes (protocols 2–5), encode protocol 4.
+//!
+//! Decoding is a pure stack machine over the bytes: class and function references become
+//! [`Value::Global`], instances become [`Object`]. Nothing is imported or executed. Every resource the
+//! input controls is bounded by [`Limits`]; exceeding one is a [`CodecError`], never a panic.
+
+mod decode;
+mod describe;
+mod encode;
+mod value;
+
+pub use decode::decode;
+pub use describe::describe;
+pub use encode::encode;
+pub use value::{dict_get, Object, ObjectKind, Value};
+
+/// Bounds on what one decoded pickle may cost. All are checked while decoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted pickle, in bytes.
+    pub max_frame_bytes: usize,
+    /// Deepest nesting of containers and objects in the result.
+    pub max_depth: usize,
+    /// Most memo entries (MEMOIZE / BINPUT) one pickle may create.
+    pub max_memo: usize,
+    /// Most items in one list, tuple, dict or set.
+    pub max_container_len: usize,
+    /// Most values in the result tree, counting every copy a memo reference expands to.
+    pub max_nodes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 64 * 1024 * 1024,
+            max_depth: 500,
+            max_memo: 1_000_000,
+            max_container_len: 4_000_000,
+            max_nodes: 8_000_000,
+        }
+    }
+}
+
+/// Why a pickle could not be decoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    #[error("empty frame")]
+    Empty,
+    #[error("pickle ends unexpectedly at byte {0}")]
+    Truncated(usize),
+    #[error("unknown pickle opcode 0x{opcode:02x} at byte {pos}")]
+    UnknownOpcode { opcode: u8, pos: usize },
+    #[error("pickle opcode {name} (0x{opcode:02x}) at byte {pos} is not supported")]
+    Unsupported { name: &'static str, opcode: u8, pos: usize },
+    #[error("unsupported pickle protocol {0}")]
+    Protocol(u8),
+    #[error("malformed pickle at byte {pos}: {reason}")]
+    Malformed { pos: usize, reason: String },
+    #[error("pickle of {size} bytes exceeds the limit of {limit} bytes")]
+    FrameTooLarge { size: usize, limit: usize },
+    #[error("pickle nesting exceeds the depth limit of {0}")]
+    TooDeep(usize),
+    #[error("pickle memo exceeds the limit of {0} entries")]
+    MemoTooLarge(usize),
+    #[error("pickle container exceeds the length limit of {0} items")]
+    ContainerTooLarge(usize),
+    #[error("pickle expands to more than {0} values")]
+    TooManyNodes(usize),
+    #[error("pickle contains a recursive structure, which is not supported")]
+    Recursive,
+    #[error("trailing data after STOP at byte {0}")]
+    TrailingData(usize),
+}

@@ -1,0 +1,2 @@
+//! procman: the CGSE Process Manager control server in Rust.
+pub mod codec;
