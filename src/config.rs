@@ -1,0 +1,569 @@
+//! Settings and environment, resolved the way CGSE resolves them.
+//!
+//! The defaults (`settings/settings.yaml`) are compiled in. A local settings file — named by the
+//! `<PROJECT>_LOCAL_SETTINGS` environment variable, or given explicitly — is merged over them group by
+//! group and key by key, as `egse.settings.Settings.load` does. This is the only module that reads
+//! settings files or CGSE environment variables; everything else receives plain typed values.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value as Json};
+
+/// The compiled-in default settings.
+pub const DEFAULT_SETTINGS_YAML: &str = include_str!("../settings/settings.yaml");
+
+/// The group of the Process Manager in CGSE settings files.
+pub const PM_GROUP: &str = "Process Manager Control Server";
+/// The group of procman's own settings.
+pub const PROCMAN_GROUP: &str = "Procman";
+
+/// Why settings could not be loaded or a value is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read settings file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("settings file {path} is not valid YAML: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("settings file {path} must contain a mapping of groups at the top level")]
+    NotAMapping { path: String },
+    #[error("settings key '{group}.{key}' (from {source_file}) {problem}")]
+    BadValue {
+        group: String,
+        key: String,
+        source_file: String,
+        problem: String,
+    },
+    #[error("settings key '{group}.{key}' is missing (looked in {sources})")]
+    Missing {
+        group: String,
+        key: String,
+        sources: String,
+    },
+    #[error("the environment variable {var} names the local settings file {path}, which does not exist")]
+    LocalSettingsMissing { var: String, path: PathBuf },
+}
+
+/// Where a settings value came from, for error messages.
+const EMBEDDED: &str = "the embedded defaults (settings/settings.yaml)";
+
+/// All settings groups after merging, with the file each key came from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    groups: Map<String, Json>,
+    provenance: HashMap<(String, String), String>,
+    local_file: Option<PathBuf>,
+}
+
+impl Settings {
+    /// The embedded defaults only.
+    pub fn defaults() -> Result<Settings, ConfigError> {
+        let mut s = Settings {
+            groups: Map::new(),
+            provenance: HashMap::new(),
+            local_file: None,
+        };
+        s.merge_yaml(DEFAULT_SETTINGS_YAML, EMBEDDED)?;
+        Ok(s)
+    }
+
+    /// Defaults, then the local settings file: `explicit` if given, else the file named by
+    /// `<PROJECT>_LOCAL_SETTINGS` (PROJECT defaults to `CGSE`). A named file that does not exist is an error.
+    pub fn load(explicit: Option<&Path>, env: &Env) -> Result<Settings, ConfigError> {
+        let mut s = Settings::defaults()?;
+        let local = match explicit {
+            Some(p) => Some((p.to_path_buf(), "--settings".to_owned())),
+            None => env.local_settings.clone().map(|p| (p, env.var_name("LOCAL_SETTINGS"))),
+        };
+        if let Some((path, var)) = local {
+            if !path.exists() {
+                return Err(ConfigError::LocalSettingsMissing { var, path });
+            }
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            s.merge_yaml(&text, &path.display().to_string())?;
+            s.local_file = Some(path);
+        }
+        Ok(s)
+    }
+
+    /// Merge one YAML document over the current groups (nested mappings merge, everything else replaces).
+    pub fn merge_yaml(&mut self, text: &str, source: &str) -> Result<(), ConfigError> {
+        let doc: Json = if text.trim().is_empty() {
+            Json::Object(Map::new())
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+                path: source.to_owned(),
+                reason: e.to_string(),
+            })?
+        };
+        let doc = match doc {
+            Json::Object(m) => m,
+            Json::Null => Map::new(),
+            _ => {
+                return Err(ConfigError::NotAMapping {
+                    path: source.to_owned(),
+                })
+            }
+        };
+        for (group, value) in doc {
+            if let Json::Object(keys) = &value {
+                for key in keys.keys() {
+                    self.provenance.insert((group.clone(), key.clone()), source.to_owned());
+                }
+            }
+            match (self.groups.get_mut(&group), value) {
+                (Some(Json::Object(existing)), Json::Object(new)) => merge_maps(existing, new),
+                (_, value) => {
+                    self.groups.insert(group, value);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The local settings file in effect, if any.
+    pub fn local_file(&self) -> Option<&Path> {
+        self.local_file.as_deref()
+    }
+
+    /// All merged groups (for the Python module's `settings`).
+    pub fn groups(&self) -> &Map<String, Json> {
+        &self.groups
+    }
+
+    /// One group's mapping.
+    pub fn group(&self, group: &str) -> Option<&Map<String, Json>> {
+        self.groups.get(group).and_then(Json::as_object)
+    }
+
+    fn raw(&self, group: &str, key: &str) -> Option<&Json> {
+        self.group(group).and_then(|g| g.get(key))
+    }
+
+    fn source_of(&self, group: &str, key: &str) -> String {
+        self.provenance
+            .get(&(group.to_owned(), key.to_owned()))
+            .cloned()
+            .unwrap_or_else(|| EMBEDDED.to_owned())
+    }
+
+    fn sources(&self) -> String {
+        match &self.local_file {
+            Some(p) => format!("{EMBEDDED} and {}", p.display()),
+            None => EMBEDDED.to_owned(),
+        }
+    }
+
+    fn bad(&self, group: &str, key: &str, problem: String) -> ConfigError {
+        ConfigError::BadValue {
+            group: group.to_owned(),
+            key: key.to_owned(),
+            source_file: self.source_of(group, key),
+            problem,
+        }
+    }
+
+    fn missing(&self, group: &str, key: &str) -> ConfigError {
+        ConfigError::Missing {
+            group: group.to_owned(),
+            key: key.to_owned(),
+            sources: self.sources(),
+        }
+    }
+
+    /// A string value; numbers are accepted and printed, as Python settings code would use them.
+    pub fn string(&self, group: &str, key: &str) -> Result<String, ConfigError> {
+        match self.raw(group, key) {
+            Some(Json::String(s)) => Ok(s.clone()),
+            Some(Json::Number(n)) => Ok(n.to_string()),
+            Some(Json::Bool(b)) => Ok(b.to_string()),
+            Some(other) => Err(self.bad(group, key, format!("has value {other}, expected a string"))),
+            None => Err(self.missing(group, key)),
+        }
+    }
+
+    /// A string value, or `default` when the key is absent.
+    pub fn string_or(&self, group: &str, key: &str, default: &str) -> Result<String, ConfigError> {
+        match self.raw(group, key) {
+            None | Some(Json::Null) => Ok(default.to_owned()),
+            Some(_) => self.string(group, key),
+        }
+    }
+
+    /// A TCP port (0 = OS-assigned).
+    pub fn port(&self, group: &str, key: &str) -> Result<u16, ConfigError> {
+        let v = self.raw(group, key).ok_or_else(|| self.missing(group, key))?;
+        json_u64(v)
+            .and_then(|n| u16::try_from(n).ok())
+            .ok_or_else(|| self.bad(group, key, format!("has value {v}, expected a port number 0-65535")))
+    }
+
+    /// A port, or `default` when the key is absent.
+    pub fn port_or(&self, group: &str, key: &str, default: u16) -> Result<u16, ConfigError> {
+        match self.raw(group, key) {
+            None | Some(Json::Null) => Ok(default),
+            Some(_) => self.port(group, key),
+        }
+    }
+
+    /// A non-negative number of seconds.
+    pub fn seconds(&self, group: &str, key: &str) -> Result<Duration, ConfigError> {
+        let v = self.raw(group, key).ok_or_else(|| self.missing(group, key))?;
+        json_f64(v)
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e9)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| self.bad(group, key, format!("has value {v}, expected a number of seconds >= 0")))
+    }
+
+    /// A positive count.
+    pub fn count(&self, group: &str, key: &str) -> Result<usize, ConfigError> {
+        let v = self.raw(group, key).ok_or_else(|| self.missing(group, key))?;
+        json_u64(v)
+            .filter(|n| *n > 0)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| self.bad(group, key, format!("has value {v}, expected a positive integer")))
+    }
+}
+
+fn merge_maps(into: &mut Map<String, Json>, from: Map<String, Json>) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(Json::Object(a)), Json::Object(b)) => merge_maps(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+fn json_u64(v: &Json) -> Option<u64> {
+    match v {
+        Json::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)),
+        Json::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn json_f64(v: &Json) -> Option<f64> {
+    match v {
+        Json::Number(n) => n.as_f64(),
+        Json::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The CGSE environment variables (INTEGRATION.md §1.1), read once.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    /// `PROJECT` (defaults to `CGSE`, with a note in the log).
+    pub project: String,
+    pub project_was_set: bool,
+    /// `SITE_ID`.
+    pub site_id: Option<String>,
+    /// `<P>_DATA_STORAGE_LOCATION`, without the site suffix rule applied.
+    pub data_storage_location: Option<PathBuf>,
+    /// `<P>_CONF_DATA_LOCATION`.
+    pub conf_data_location: Option<PathBuf>,
+    /// `<P>_LOG_FILE_LOCATION`.
+    pub log_file_location: Option<PathBuf>,
+    /// `<P>_LOCAL_SETTINGS`.
+    pub local_settings: Option<PathBuf>,
+}
+
+impl Env {
+    /// Read the process environment.
+    pub fn from_process() -> Env {
+        Env::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Read from any lookup function (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Env {
+        let non_empty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let (project, project_was_set) = match non_empty("PROJECT") {
+            Some(p) => (p, true),
+            None => ("CGSE".to_owned(), false),
+        };
+        let path = |name: &str| non_empty(&format!("{project}_{name}")).map(PathBuf::from);
+        Env {
+            site_id: non_empty("SITE_ID"),
+            data_storage_location: path("DATA_STORAGE_LOCATION"),
+            conf_data_location: path("CONF_DATA_LOCATION"),
+            log_file_location: path("LOG_FILE_LOCATION"),
+            local_settings: path("LOCAL_SETTINGS"),
+            project,
+            project_was_set,
+        }
+    }
+
+    /// The full name of a project variable, e.g. `CGSE_LOCAL_SETTINGS`.
+    pub fn var_name(&self, name: &str) -> String {
+        format!("{}_{name}", self.project)
+    }
+
+    /// `get_data_storage_location()`: the variable, trailing `/` stripped, with `/<SITE_ID>` appended
+    /// unless it already ends with the site id.
+    pub fn data_storage_location(&self) -> Option<PathBuf> {
+        let base = self.data_storage_location.as_ref()?;
+        let s = base.to_string_lossy();
+        let trimmed = s.trim_end_matches('/');
+        let trimmed = if trimmed.is_empty() { "/" } else { trimmed };
+        match &self.site_id {
+            Some(site) if !trimmed.ends_with(site.as_str()) => Some(Path::new(trimmed).join(site)),
+            _ => Some(PathBuf::from(trimmed)),
+        }
+    }
+
+    /// `get_conf_data_location()`: the variable, else `<data storage location>/conf`.
+    pub fn conf_data_location(&self) -> Option<PathBuf> {
+        self.conf_data_location
+            .clone()
+            .or_else(|| self.data_storage_location().map(|d| d.join("conf")))
+    }
+
+    /// `get_log_file_location()`: the variable, else `<data storage location>/log`.
+    pub fn log_file_location(&self) -> Option<PathBuf> {
+        self.log_file_location
+            .clone()
+            .or_else(|| self.data_storage_location().map(|d| d.join("log")))
+    }
+}
+
+/// Typed settings of the Process Manager control server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PmSettings {
+    pub service_type: String,
+    pub process_name: String,
+    pub protocol: String,
+    pub hostname: String,
+    pub commanding_port: u16,
+    pub monitoring_port: u16,
+    pub service_port: u16,
+    pub storage_mnemonic: String,
+    /// Monitoring period (`DELAY`, seconds in the file).
+    pub monitoring_delay: Duration,
+    pub proxy_timeout: Duration,
+}
+
+impl PmSettings {
+    pub fn from_settings(s: &Settings) -> Result<PmSettings, ConfigError> {
+        let g = PM_GROUP;
+        let delay = s.seconds(g, "DELAY")?;
+        if delay.is_zero() {
+            return Err(s.bad(g, "DELAY", "is 0, expected a monitoring period > 0 seconds".into()));
+        }
+        Ok(PmSettings {
+            service_type: s.string_or(g, "SERVICE_TYPE", "pm_cs")?,
+            process_name: s.string_or(g, "PROCESS_NAME", "pm_cs")?,
+            protocol: s.string_or(g, "PROTOCOL", "tcp")?,
+            hostname: s.string_or(g, "HOSTNAME", "localhost")?,
+            commanding_port: s.port_or(g, "COMMANDING_PORT", 0)?,
+            monitoring_port: s.port_or(g, "MONITORING_PORT", 0)?,
+            service_port: s.port_or(g, "SERVICE_PORT", 0)?,
+            storage_mnemonic: s.string_or(g, "STORAGE_MNEMONIC", "PM")?,
+            monitoring_delay: delay,
+            proxy_timeout: s.seconds(g, "PROXY_TIMEOUT")?,
+        })
+    }
+}
+
+/// procman's own settings (group `Procman`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcmanSettings {
+    pub bind_address: String,
+    pub housekeeping_period: Duration,
+    pub registry_ttl: Duration,
+    pub limits: crate::codec::Limits,
+    pub max_concurrent_requests: usize,
+    pub shutdown_timeout: Duration,
+    pub state_dir: Option<PathBuf>,
+    pub setup_file: Option<PathBuf>,
+}
+
+impl ProcmanSettings {
+    pub fn from_settings(s: &Settings) -> Result<ProcmanSettings, ConfigError> {
+        let g = PROCMAN_GROUP;
+        let hk = s.seconds(g, "HOUSEKEEPING_PERIOD")?;
+        if hk.is_zero() {
+            return Err(s.bad(g, "HOUSEKEEPING_PERIOD", "is 0, expected a period > 0 seconds".into()));
+        }
+        let opt_path = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
+            let v = s.string_or(g, key, "")?;
+            Ok(if v.trim().is_empty() {
+                None
+            } else {
+                Some(PathBuf::from(v))
+            })
+        };
+        Ok(ProcmanSettings {
+            bind_address: s.string_or(g, "BIND_ADDRESS", "*")?,
+            housekeeping_period: hk,
+            registry_ttl: s.seconds(g, "REGISTRY_TTL")?,
+            limits: crate::codec::Limits {
+                max_frame_bytes: s.count(g, "MAX_FRAME_BYTES")?,
+                max_depth: s.count(g, "MAX_NESTING_DEPTH")?,
+                max_memo: s.count(g, "MAX_MEMO_ENTRIES")?,
+                max_container_len: s.count(g, "MAX_CONTAINER_LENGTH")?,
+                max_nodes: s.count(g, "MAX_DECODED_VALUES")?,
+            },
+            max_concurrent_requests: s.count(g, "MAX_CONCURRENT_REQUESTS")?,
+            shutdown_timeout: s.seconds(g, "SHUTDOWN_TIMEOUT")?,
+            state_dir: opt_path("STATE_DIR")?,
+            setup_file: opt_path("SETUP_FILE")?,
+        })
+    }
+}
+
+/// Where a peer control server (Storage or Configuration Manager) listens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSettings {
+    pub service_type: String,
+    pub hostname: String,
+    pub commanding_port: u16,
+}
+
+impl PeerSettings {
+    pub fn from_settings(s: &Settings, group: &str, default_type: &str) -> Result<PeerSettings, ConfigError> {
+        Ok(PeerSettings {
+            service_type: s.string_or(group, "SERVICE_TYPE", default_type)?,
+            hostname: s.string_or(group, "HOSTNAME", "localhost")?,
+            commanding_port: s.port_or(group, "COMMANDING_PORT", 0)?,
+        })
+    }
+}
+
+/// Where the Service Registry listens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistrySettings {
+    pub hostname: String,
+    pub requester_port: u16,
+    pub publisher_port: u16,
+    pub heartbeat_port: u16,
+}
+
+impl RegistrySettings {
+    pub fn from_settings(s: &Settings) -> Result<RegistrySettings, ConfigError> {
+        let g = "Service Registry";
+        Ok(RegistrySettings {
+            hostname: s.string_or(g, "HOSTNAME", "localhost")?,
+            requester_port: s.port_or(g, "REQUESTER_PORT", 4242)?,
+            publisher_port: s.port_or(g, "PUBLISHER_PORT", 4243)?,
+            heartbeat_port: s.port_or(g, "HEARTBEAT_PORT", 4244)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Env::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_have_the_cgse_ports() {
+        let s = Settings::defaults().unwrap();
+        let pm = PmSettings::from_settings(&s).unwrap();
+        assert_eq!(
+            (pm.commanding_port, pm.monitoring_port, pm.service_port),
+            (6120, 6121, 6122)
+        );
+        assert_eq!(pm.storage_mnemonic, "PM");
+        assert_eq!(pm.service_type, "PM_CS");
+        assert_eq!(pm.monitoring_delay, Duration::from_secs(1));
+        let p = ProcmanSettings::from_settings(&s).unwrap();
+        assert_eq!(p.limits, crate::codec::Limits::default());
+        assert_eq!(p.housekeeping_period, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn local_file_overrides_key_by_key() {
+        let dir = tempdir();
+        let f = dir.join("local.yaml");
+        std::fs::write(
+            &f,
+            "Process Manager Control Server:\n    COMMANDING_PORT: 0\nSITE:\n    ID: LAB42\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&f), &env(&[])).unwrap();
+        let pm = PmSettings::from_settings(&s).unwrap();
+        assert_eq!(pm.commanding_port, 0);
+        assert_eq!(pm.service_port, 6122, "untouched keys keep their defaults");
+        assert_eq!(s.string("SITE", "ID").unwrap(), "LAB42");
+    }
+
+    #[test]
+    fn local_settings_from_the_project_variable() {
+        let dir = tempdir();
+        let f = dir.join("ls.yaml");
+        std::fs::write(&f, "Process Manager Control Server:\n    SERVICE_PORT: 7000\n").unwrap();
+        let e = env(&[("PROJECT", "PLATO"), ("PLATO_LOCAL_SETTINGS", f.to_str().unwrap())]);
+        let s = Settings::load(None, &e).unwrap();
+        assert_eq!(PmSettings::from_settings(&s).unwrap().service_port, 7000);
+    }
+
+    #[test]
+    fn missing_local_file_is_an_error_naming_it() {
+        let e = env(&[("CGSE_LOCAL_SETTINGS", "/nonexistent/x.yaml")]);
+        let err = Settings::load(None, &e).unwrap_err().to_string();
+        assert!(
+            err.contains("/nonexistent/x.yaml") && err.contains("CGSE_LOCAL_SETTINGS"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_yaml_names_the_file() {
+        let dir = tempdir();
+        let f = dir.join("bad.yaml");
+        std::fs::write(&f, "Process Manager Control Server:\n  - [unclosed\n").unwrap();
+        let err = Settings::load(Some(&f), &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("bad.yaml"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_file_and_key() {
+        let dir = tempdir();
+        let f = dir.join("v.yaml");
+        std::fs::write(&f, "Process Manager Control Server:\n    COMMANDING_PORT: seventy\n").unwrap();
+        let s = Settings::load(Some(&f), &env(&[])).unwrap();
+        let err = PmSettings::from_settings(&s).unwrap_err().to_string();
+        assert!(
+            err.contains("Process Manager Control Server.COMMANDING_PORT") && err.contains("v.yaml"),
+            "{err}"
+        );
+        std::fs::write(&f, "Process Manager Control Server:\n    SERVICE_PORT: 70000\n").unwrap();
+        let s = Settings::load(Some(&f), &env(&[])).unwrap();
+        assert!(PmSettings::from_settings(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("SERVICE_PORT"));
+    }
+
+    #[test]
+    fn data_storage_location_appends_the_site() {
+        let e = env(&[("SITE_ID", "LAB42"), ("CGSE_DATA_STORAGE_LOCATION", "/x/data/")]);
+        assert_eq!(e.data_storage_location().unwrap(), PathBuf::from("/x/data/LAB42"));
+        let e = env(&[("SITE_ID", "LAB42"), ("CGSE_DATA_STORAGE_LOCATION", "/x/LAB42")]);
+        assert_eq!(e.data_storage_location().unwrap(), PathBuf::from("/x/LAB42"));
+        assert_eq!(e.log_file_location().unwrap(), PathBuf::from("/x/LAB42/log"));
+        assert!(!e.project_was_set);
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "procman-config-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

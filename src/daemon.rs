@@ -1,0 +1,402 @@
+//! The composition root: binds the three sockets, runs every task, and shuts down in order.
+//!
+//! Shutdown (SIGINT, SIGTERM or `quit_server`): stop accepting requests, let the requests in flight
+//! send their replies, run the integrations' shutdown hooks (deregister, unregister), then close the
+//! sockets — all within the configured shutdown timeout.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use zeromq::SocketSend;
+
+use crate::codec::{self, Value};
+use crate::config::{ConfigError, Env, PmSettings, ProcmanSettings, Settings};
+use crate::housekeeping::Housekeeping;
+use crate::logging::LogControl;
+use crate::monitor::StatusSampler;
+use crate::protocol::{self, SocketKind};
+use crate::server::{self, Dispatcher, Handler, Ports, ServerInfo};
+use crate::service::{ServiceHandler, ServiceState};
+use crate::storage::HousekeepingSink;
+use crate::transport::{self, TransportError};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("command table: {0}")]
+    Table(#[from] protocol::commands::TableError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Everything the daemon reads from settings and environment, resolved once.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub settings: Settings,
+    pub env: Env,
+    pub pm: PmSettings,
+    pub procman: ProcmanSettings,
+}
+
+impl DaemonConfig {
+    /// Load settings (the embedded defaults, then the local settings file) and the environment.
+    pub fn load(explicit_settings: Option<&Path>) -> Result<DaemonConfig, ConfigError> {
+        let env = Env::from_process();
+        let settings = Settings::load(explicit_settings, &env)?;
+        DaemonConfig::from_parts(settings, env)
+    }
+
+    pub fn from_parts(settings: Settings, env: Env) -> Result<DaemonConfig, ConfigError> {
+        Ok(DaemonConfig {
+            pm: PmSettings::from_settings(&settings)?,
+            procman: ProcmanSettings::from_settings(&settings)?,
+            settings,
+            env,
+        })
+    }
+
+    /// The site id for file names: `SITE_ID`, else the `SITE.ID` setting.
+    pub fn site_id(&self) -> String {
+        self.env
+            .site_id
+            .clone()
+            .or_else(|| self.settings.string("SITE", "ID").ok())
+            .unwrap_or_else(|| "XXXX".to_owned())
+    }
+
+    /// Where procman keeps its own state, logs and (without CGSE storage) its data.
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(d) = &self.procman.state_dir {
+            return d.clone();
+        }
+        if let Some(log) = self.env.log_file_location() {
+            return log.join("procman-state");
+        }
+        default_home_dir()
+    }
+
+    /// The data storage location, or the embedded default under the state directory.
+    pub fn data_location(&self) -> (PathBuf, bool) {
+        match self.env.data_storage_location() {
+            Some(d) => (d, true),
+            None => (self.state_dir().join("data").join(self.site_id()), false),
+        }
+    }
+
+    /// The log location, or the embedded default.
+    pub fn log_location(&self) -> PathBuf {
+        self.env
+            .log_file_location()
+            .unwrap_or_else(|| self.state_dir().join("log"))
+    }
+}
+
+fn default_home_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("procman")
+}
+
+/// A boxed future for lifecycle hooks.
+pub type HookFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// An integration that must know when the daemon is up and when it goes down (the registry).
+pub trait Lifecycle: Send + Sync {
+    /// Called once the sockets are bound; must return promptly (do slow work in a task).
+    fn started(&self, ports: Ports) -> HookFuture<'_>;
+    /// Called during the orderly shutdown, after the last reply; bounded by the shutdown timeout.
+    fn stopping(&self) -> HookFuture<'_>;
+}
+
+/// The seams the other layers plug into.
+pub struct Integrations {
+    /// Meaning of the commanding table (the process-management commands).
+    pub commanding: Arc<dyn Handler>,
+    /// Where housekeeping goes.
+    pub storage: Arc<dyn HousekeepingSink>,
+    /// Builds the housekeeping record.
+    pub housekeeping: Housekeeping,
+    /// Told when the daemon is up and when it stops.
+    pub lifecycle: Vec<Arc<dyn Lifecycle>>,
+    /// Extra messages for the monitoring socket (process events), already pickled-ready values.
+    pub events: Option<mpsc::Receiver<Value>>,
+    /// Shared by everything that measures the daemon itself.
+    pub sampler: Arc<StatusSampler>,
+}
+
+/// A daemon that is serving.
+pub struct RunningDaemon {
+    pub ports: Ports,
+    shutdown: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+impl RunningDaemon {
+    /// The token whose cancellation stops the daemon (cancelled by `quit_server` too).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Ask for an orderly shutdown.
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Wait until the shutdown sequence has finished.
+    pub async fn wait(self) {
+        if let Err(e) = self.done.await {
+            warn!(error = %e, "shutdown task failed");
+        }
+    }
+}
+
+/// Bind the sockets and start serving. Returns once everything listens.
+pub async fn start(
+    config: DaemonConfig,
+    integrations: Integrations,
+    log: Arc<dyn LogControl>,
+) -> Result<RunningDaemon, DaemonError> {
+    let pm = &config.pm;
+    let p = &config.procman;
+    let addr = p.bind_address.as_str();
+    let (service_sock, service_port) = transport::bind_router(&pm.protocol, addr, pm.service_port, "service").await?;
+    let (pub_sock, monitoring_port) = transport::bind_pub(&pm.protocol, addr, pm.monitoring_port, "monitoring").await?;
+    let (cmd_sock, commanding_port) =
+        transport::bind_router(&pm.protocol, addr, pm.commanding_port, "commanding").await?;
+    let ports = Ports {
+        commanding: commanding_port,
+        monitoring: monitoring_port,
+        service: service_port,
+    };
+
+    let ip = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::task::spawn_blocking(crate::util::host_ip),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .flatten();
+    let info = Arc::new(ServerInfo::new(ports, pm.storage_mnemonic.clone(), ip));
+
+    let shutdown = CancellationToken::new();
+    let Integrations {
+        commanding,
+        storage,
+        housekeeping,
+        lifecycle,
+        events,
+        sampler,
+    } = integrations;
+    let state = Arc::new(ServiceState::new(
+        pm.monitoring_delay,
+        p.housekeeping_period,
+        log,
+        storage.clone(),
+        Housekeeping::columns(),
+        sampler,
+        shutdown.clone(),
+    ));
+    let (cmd_table, svc_table) = protocol::load_tables()?;
+    let cmd_dispatch = Arc::new(Dispatcher::new(
+        SocketKind::Commanding,
+        cmd_table,
+        commanding,
+        info.clone(),
+        p.limits.clone(),
+    ));
+    let svc_dispatch = Arc::new(Dispatcher::new(
+        SocketKind::Service,
+        svc_table,
+        Arc::new(ServiceHandler { state: state.clone() }),
+        info.clone(),
+        p.limits.clone(),
+    ));
+
+    let requests = TaskTracker::new();
+    let tasks = TaskTracker::new();
+    let stop_serving = shutdown.child_token();
+    tasks.spawn(server::serve(
+        cmd_sock,
+        cmd_dispatch,
+        p.max_concurrent_requests,
+        stop_serving.clone(),
+        requests.clone(),
+    ));
+    tasks.spawn(server::serve(
+        service_sock,
+        svc_dispatch,
+        p.max_concurrent_requests,
+        stop_serving.clone(),
+        requests.clone(),
+    ));
+    tasks.spawn(publish(pub_sock, state.clone(), events, shutdown.clone()));
+    tasks.spawn(run_housekeeping(housekeeping, state.clone(), shutdown.clone()));
+    tasks.spawn(refresh_ip(info.clone(), shutdown.clone()));
+    tasks.close();
+
+    // Registration happens before the announcement so that a client reading the log finds us
+    // registered; hooks return promptly and retry in the background.
+    for hook in &lifecycle {
+        hook.started(ports).await;
+    }
+    info!(
+        commanding = ports.commanding,
+        monitoring = ports.monitoring,
+        service = ports.service,
+        bind = %addr,
+        storage = %storage.describe(),
+        "Process Manager control server listening (commanding tcp://{addr}:{}, monitoring tcp://{addr}:{}, service tcp://{addr}:{})",
+        ports.commanding,
+        ports.monitoring,
+        ports.service
+    );
+
+    let timeout = p.shutdown_timeout;
+    let token = shutdown.clone();
+    let done = tokio::spawn(async move {
+        token.cancelled().await;
+        let started = std::time::Instant::now();
+        info!("shutting down");
+        // Stop accepting, let the requests in flight reply (quit_server's own reply among them).
+        requests.close();
+        if tokio::time::timeout(timeout / 2, requests.wait()).await.is_err() {
+            warn!("requests still running after {:?}; abandoning them", timeout / 2);
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        let hooks = async {
+            for hook in &lifecycle {
+                hook.stopping().await;
+            }
+            storage.shutdown().await;
+        };
+        if tokio::time::timeout(left, hooks).await.is_err() {
+            warn!("shutdown hooks did not finish in time");
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        let _ = tokio::time::timeout(left, tasks.wait()).await;
+        // zmq.rs has no linger: give the writer tasks a moment to put the last replies on the wire.
+        tokio::time::sleep(Duration::from_millis(50).min(timeout.saturating_sub(started.elapsed()))).await;
+        info!(elapsed_ms = started.elapsed().as_millis() as u64, "stopped");
+    });
+    Ok(RunningDaemon { ports, shutdown, done })
+}
+
+/// Run until `signal` completes or `quit_server` arrives, then shut down in order.
+pub async fn run(
+    config: DaemonConfig,
+    integrations: Integrations,
+    log: Arc<dyn LogControl>,
+    signal: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let daemon = start(config, integrations, log).await?;
+    let token = daemon.shutdown_token();
+    tokio::select! {
+        _ = signal => token.cancel(),
+        _ = token.cancelled() => {}
+    }
+    daemon.wait().await;
+    Ok(())
+}
+
+/// Publish the status dict every monitoring period, and process events as they come.
+async fn publish(
+    mut socket: transport::PubSocket,
+    state: Arc<ServiceState>,
+    mut events: Option<mpsc::Receiver<Value>>,
+    cancel: CancellationToken,
+) {
+    let mut delay_rx = state.mon_delay_ms.subscribe();
+    let mut last = tokio::time::Instant::now();
+    loop {
+        let delay = Duration::from_secs_f64((*delay_rx.borrow_and_update() / 1000.0).max(0.001));
+        let next = last + delay;
+        let event = async {
+            match events.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = delay_rx.changed() => continue,
+            ev = event => match ev {
+                Some(v) => send(&mut socket, &v).await,
+                None => events = None,
+            },
+            _ = tokio::time::sleep_until(next) => {
+                last = tokio::time::Instant::now();
+                let status = state.status();
+                send(&mut socket, &status).await;
+            }
+        }
+    }
+    debug!("monitoring publisher stopped");
+}
+
+async fn send(socket: &mut transport::PubSocket, v: &Value) {
+    let bytes = codec::encode(v);
+    // PUB never blocks: a subscriber that does not read loses messages, not our memory or time.
+    if let Err(e) = socket.send(zeromq::ZmqMessage::from(bytes)).await {
+        debug!(error = %e, "monitoring publish failed");
+    }
+}
+
+/// Collect a housekeeping record every period and hand it to storage. A dead storage peer delays the
+/// next record, never a request.
+async fn run_housekeeping(hk: Housekeeping, state: Arc<ServiceState>, cancel: CancellationToken) {
+    let mut delay_rx = state.hk_delay_ms.subscribe();
+    let mut last = tokio::time::Instant::now();
+    loop {
+        let delay = Duration::from_secs_f64((*delay_rx.borrow_and_update() / 1000.0).max(0.001));
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = delay_rx.changed() => continue,
+            _ = tokio::time::sleep_until(last + delay) => {}
+        }
+        last = tokio::time::Instant::now();
+        let started = std::time::Instant::now();
+        let record = hk.collect();
+        if let Ok(mut avg) = state.get_housekeeping_time.lock() {
+            avg.add(started.elapsed().as_secs_f64());
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = state.storage.save(record) => if let Err(e) = r {
+                warn!(error = %e, "housekeeping record not stored");
+            }
+        }
+    }
+}
+
+/// Keep the host address current (it may change; resolving it may block).
+async fn refresh_ip(info: Arc<ServerInfo>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        if let Ok(Ok(ip)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::task::spawn_blocking(crate::util::host_ip),
+        )
+        .await
+        {
+            info.set_ip(ip);
+        }
+    }
+}

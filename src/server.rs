@@ -1,0 +1,391 @@
+//! The REQ-REP side of a control server: one dispatcher per socket and the loop that feeds it.
+//!
+//! Each socket is a ROUTER, so requests from different clients are served concurrently (a REQ client
+//! still gets exactly one reply per request): a slow command never delays another client's `Ping`.
+//! Every request ends in exactly one reply — undecodable frames, unknown names, handler errors and even
+//! handler panics become an `egse.response.Failure` — and the loop itself never stops on bad input.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use zeromq::{SocketRecv, SocketSend};
+
+use crate::codec::{self, Limits, Value};
+use crate::protocol::{self, CommandTable, PyExc, Request, RequestForm, SocketKind};
+use crate::transport::{self, RouterSocket};
+
+/// The bound ports, as the getters and the registry report them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ports {
+    pub commanding: u16,
+    pub monitoring: u16,
+    pub service: u16,
+}
+
+/// What the built-in requests answer.
+#[derive(Debug)]
+pub struct ServerInfo {
+    pub ports: Ports,
+    pub storage_mnemonic: String,
+    /// Refreshed in the background: resolving it may block, the request path must not.
+    ip: RwLock<Option<String>>,
+}
+
+impl ServerInfo {
+    pub fn new(ports: Ports, storage_mnemonic: String, ip: Option<String>) -> ServerInfo {
+        ServerInfo {
+            ports,
+            storage_mnemonic,
+            ip: RwLock::new(ip),
+        }
+    }
+
+    pub fn ip(&self) -> Option<String> {
+        self.ip.read().map(|g| g.clone()).unwrap_or(None)
+    }
+
+    pub fn set_ip(&self, ip: Option<String>) {
+        if let Ok(mut g) = self.ip.write() {
+            *g = ip;
+        }
+    }
+}
+
+/// One command call, with the arguments as the client sent them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub name: String,
+    pub args: Vec<Value>,
+    pub kwargs: Vec<(Value, Value)>,
+}
+
+impl Call {
+    /// Match the arguments to parameter names (the first `required` must be present).
+    pub fn bind(self, params: &[&str], required: usize) -> Result<Vec<Option<Value>>, CommandError> {
+        protocol::bind_arguments(&self.name, params, required, self.args, self.kwargs).map_err(CommandError::Type)
+    }
+}
+
+/// A command that could not be carried out; the reply is a `Failure` whose cause is the matching
+/// Python exception.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommandError {
+    /// Wrong arguments (count, names, types): `TypeError`.
+    #[error("{0}")]
+    Type(String),
+    /// An argument with a bad value: `ValueError`.
+    #[error("{0}")]
+    Value(String),
+    /// The command ran and failed: `RuntimeError`.
+    #[error("{0}")]
+    Failed(String),
+    /// Not in this socket's table.
+    #[error("Invalid command: {0}")]
+    Unknown(String),
+}
+
+/// A boxed future returned by handlers.
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, CommandError>> + Send + 'a>>;
+
+/// The meaning of a socket's table commands.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, call: Call) -> HandlerFuture<'_>;
+}
+
+/// Decodes a request, answers built-ins, routes table commands to the handler, encodes the reply.
+pub struct Dispatcher {
+    kind: SocketKind,
+    table: CommandTable,
+    send_commands: Bytes,
+    handler: Arc<dyn Handler>,
+    info: Arc<ServerInfo>,
+    limits: Limits,
+}
+
+/// What a dispatch did, for the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub name: String,
+    pub ok: bool,
+}
+
+impl Dispatcher {
+    pub fn new(
+        kind: SocketKind,
+        table: CommandTable,
+        handler: Arc<dyn Handler>,
+        info: Arc<ServerInfo>,
+        limits: Limits,
+    ) -> Dispatcher {
+        let send_commands = Bytes::from(codec::encode(&table.send_commands_reply()));
+        Dispatcher {
+            kind,
+            table,
+            send_commands,
+            handler,
+            info,
+            limits,
+        }
+    }
+
+    pub fn kind(&self) -> SocketKind {
+        self.kind
+    }
+
+    pub fn table(&self) -> &CommandTable {
+        &self.table
+    }
+
+    /// Answer one request frame. Never fails and never panics: every problem becomes a `Failure`.
+    pub async fn dispatch(&self, frame: &[u8]) -> (Bytes, Outcome) {
+        let value = match codec::decode(frame, &self.limits) {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = match e {
+                    codec::CodecError::Empty => "Invalid command: empty request frame".to_owned(),
+                    e => format!("Invalid command: cannot decode the request ({e})"),
+                };
+                return (
+                    encode(protocol::failure(&msg)),
+                    Outcome {
+                        name: "<undecodable>".into(),
+                        ok: false,
+                    },
+                );
+            }
+        };
+        let req = Request::from_value(value);
+        let name = req.display_name().to_owned();
+        if let Some(reply) = self.builtin(&req) {
+            return (reply, Outcome { name, ok: true });
+        }
+        let in_table = req.name.as_deref().is_some_and(|n| self.table.get(n).is_some());
+        // A bare string carries no arguments and, as in CGSE, only names built-ins.
+        if !in_table || req.form == RequestForm::Str || req.form == RequestForm::Other {
+            return (encode(protocol::invalid_command(&name)), Outcome { name, ok: false });
+        }
+        let call = Call {
+            name: name.clone(),
+            args: req.args,
+            kwargs: req.kwargs,
+        };
+        let result = std::panic::AssertUnwindSafe(self.handler.handle(call))
+            .catch_unwind()
+            .await;
+        let reply = match result {
+            Ok(Ok(v)) => return (encode(v), Outcome { name, ok: true }),
+            Ok(Err(CommandError::Unknown(n))) => protocol::invalid_command(&n),
+            Ok(Err(e)) => {
+                let exc = match &e {
+                    CommandError::Type(_) => PyExc::TypeError,
+                    CommandError::Value(_) => PyExc::ValueError,
+                    _ => PyExc::RuntimeError,
+                };
+                protocol::failure_with_cause(&format!("Executing {name} failed"), exc, &e.to_string())
+            }
+            Err(_) => {
+                warn!(command = %name, socket = %self.kind, "handler panicked; replying with a Failure");
+                protocol::failure_with_cause(
+                    &format!("Executing {name} failed"),
+                    PyExc::RuntimeError,
+                    "internal error",
+                )
+            }
+        };
+        (encode(reply), Outcome { name, ok: false })
+    }
+
+    fn builtin(&self, req: &Request) -> Option<Bytes> {
+        let name = req.name.as_deref()?;
+        let p = &self.info.ports;
+        let v = match name {
+            "Ping" => Value::str("Pong"),
+            "send_commands" => return Some(self.send_commands.clone()),
+            "get_commanding_port" => Value::Int(i64::from(p.commanding)),
+            "get_monitoring_port" => Value::Int(i64::from(p.monitoring)),
+            "get_service_port" => Value::Int(i64::from(p.service)),
+            "get_ip_address" => self.info.ip().map(Value::Str).unwrap_or(Value::None),
+            // In the table this name has a handler with the same answer; the built-in wins, as in CGSE.
+            "get_storage_mnemonic" => Value::str(&self.info.storage_mnemonic),
+            _ => return None,
+        };
+        Some(encode(v))
+    }
+}
+
+fn encode(v: Value) -> Bytes {
+    Bytes::from(codec::encode(&v))
+}
+
+/// Serve one ROUTER socket until `cancel` fires. In-flight requests are tracked by `tracker`, so the
+/// caller can wait for their replies before closing the socket.
+pub async fn serve(
+    socket: RouterSocket,
+    dispatcher: Arc<Dispatcher>,
+    max_in_flight: usize,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let kind = dispatcher.kind();
+    let (send, mut recv) = socket.split();
+    let slots = Arc::new(Semaphore::new(max_in_flight.max(1)));
+    info!(socket = %kind, "serving requests");
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break,
+            m = recv.recv() => m,
+        };
+        let frames = match msg {
+            Ok(m) => transport::frames(m),
+            Err(e) => {
+                // A misbehaving peer is its own problem: log it and keep serving the others.
+                debug!(socket = %kind, error = %e, "receive error");
+                continue;
+            }
+        };
+        let Some((envelope, payload)) = split_envelope(frames) else {
+            continue;
+        };
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let dispatcher = dispatcher.clone();
+        let mut send = send.clone();
+        tracker.spawn(async move {
+            let started = Instant::now();
+            let (reply, outcome) = match payload {
+                Ok(frame) => dispatcher.dispatch(&frame).await,
+                Err(n) => (
+                    encode(protocol::failure(&format!("Invalid command: expected a request of 1 frame, got {n}"))),
+                    Outcome { name: "<multipart>".into(), ok: false },
+                ),
+            };
+            let mut out = envelope;
+            out.push(reply);
+            if let Some(msg) = transport::message(out) {
+                if let Err(e) = send.send(msg).await {
+                    debug!(socket = %kind, error = %e, "reply not delivered (client gone?)");
+                }
+            }
+            debug!(socket = %kind, command = %outcome.name, ok = outcome.ok, elapsed_us = started.elapsed().as_micros() as u64, "request");
+            drop(permit);
+        });
+    }
+    info!(socket = %kind, "stopped accepting requests");
+}
+
+/// Split `[identity, …, b"", payload]` into the routing envelope and the single payload frame.
+/// A DEALER client may omit the empty delimiter. `Err(n)` reports a payload of `n` frames.
+fn split_envelope(mut frames: Vec<Bytes>) -> Option<(Vec<Bytes>, Result<Bytes, usize>)> {
+    if frames.is_empty() {
+        return None;
+    }
+    let cut = match frames.iter().skip(1).position(|f| f.is_empty()) {
+        Some(i) => i + 2,
+        None => 1,
+    };
+    if cut > frames.len() {
+        return None;
+    }
+    let payload = frames.split_off(cut);
+    let payload = match payload.len() {
+        1 => Ok(payload.into_iter().next().unwrap_or_default()),
+        n => Err(n),
+    };
+    Some((frames, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl Handler for Echo {
+        fn handle(&self, call: Call) -> HandlerFuture<'_> {
+            Box::pin(async move {
+                match call.name.as_str() {
+                    "get_devices" => Ok(Value::Dict(vec![])),
+                    "stop_process" => panic!("boom"),
+                    "start_process" => Err(CommandError::Value("no definition for device X".into())),
+                    other => Err(CommandError::Unknown(other.to_owned())),
+                }
+            })
+        }
+    }
+
+    fn dispatcher() -> Dispatcher {
+        let (cmd, _) = protocol::load_tables().unwrap();
+        let info = Arc::new(ServerInfo::new(
+            Ports {
+                commanding: 1,
+                monitoring: 2,
+                service: 3,
+            },
+            "PM".into(),
+            Some("127.0.0.1".into()),
+        ));
+        Dispatcher::new(SocketKind::Commanding, cmd, Arc::new(Echo), info, Limits::default())
+    }
+
+    #[test]
+    fn envelope_split() {
+        let f = |v: &[&'static [u8]]| v.iter().map(|b| Bytes::from_static(b)).collect::<Vec<_>>();
+        let (env, p) = split_envelope(f(&[b"id", b"", b"x"])).unwrap();
+        assert_eq!((env.len(), p.unwrap().as_ref()), (2, &b"x"[..]));
+        let (env, p) = split_envelope(f(&[b"id", b"x"])).unwrap();
+        assert_eq!((env.len(), p.unwrap().as_ref()), (1, &b"x"[..]));
+        let (_, p) = split_envelope(f(&[b"id", b"", b""])).unwrap();
+        assert_eq!(p.unwrap().len(), 0);
+        let (_, p) = split_envelope(f(&[b"id", b"", b"a", b"b"])).unwrap();
+        assert_eq!(p.unwrap_err(), 2);
+    }
+
+    #[tokio::test]
+    async fn builtins_and_errors() {
+        let d = dispatcher();
+        let ask = |v: Value| {
+            let d = &d;
+            async move { codec::decode(&d.dispatch(&codec::encode(&v)).await.0, &Limits::default()).unwrap() }
+        };
+        assert_eq!(ask(Value::str("Ping")).await, Value::str("Pong"));
+        assert_eq!(
+            ask(Value::dict([("cmd", Value::str("get_service_port"))])).await,
+            Value::Int(3)
+        );
+        assert_eq!(ask(Value::str("get_ip_address")).await, Value::str("127.0.0.1"));
+        let f = ask(Value::str("foo")).await;
+        assert_eq!(protocol::failure_message(&f).unwrap(), "Invalid command: foo");
+        let f = ask(Value::Int(42)).await;
+        assert_eq!(protocol::failure_message(&f).unwrap(), "Invalid command: None");
+        // Table commands through the dict form work (a deliberate fix of the original).
+        assert_eq!(
+            ask(Value::dict([("cmd", Value::str("get_devices"))])).await,
+            Value::Dict(vec![])
+        );
+        let f = ask(Value::dict([("cmd", Value::str("stop_process"))])).await;
+        assert_eq!(
+            protocol::failure_message(&f).unwrap(),
+            "Executing stop_process failed: internal error"
+        );
+        let f = ask(Value::dict([("cmd", Value::str("start_process"))])).await;
+        assert_eq!(
+            protocol::failure_message(&f).unwrap(),
+            "Executing start_process failed: no definition for device X"
+        );
+        let (r, _) = d.dispatch(b"").await;
+        let f = codec::decode(&r, &Limits::default()).unwrap();
+        assert_eq!(
+            protocol::failure_message(&f).unwrap(),
+            "Invalid command: empty request frame"
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! The Setup: which devices a lab has. Read from the Configuration Manager's pickled `Setup` or from a
+//! local Setup YAML file, and walked exactly as CGSE's `Setup.find_devices` / `find_device_ids` walk it.
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+
+use crate::codec::Value;
+
+/// A Setup as an ordered tree: mappings in YAML order, leaves as raw values (directives such as
+/// `class//…` stay strings; nothing is imported).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Node {
+    Map(Vec<(String, Node)>),
+    Leaf(Value),
+}
+
+/// Why a Setup could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot read Setup file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("Setup file {path} is not valid YAML: {reason}")]
+    Yaml { path: String, reason: String },
+    #[error("the Setup is not a mapping")]
+    NotAMapping,
+}
+
+/// One device of the Setup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub name: String,
+    /// The raw `device` value, e.g. `class//egse.dummy.DummyProxy`.
+    pub device: Value,
+    pub device_id: Option<Value>,
+    /// The raw `device_args` (a list), or `None` when absent (the wire then carries `()`).
+    pub device_args: Option<Value>,
+}
+
+impl Device {
+    /// `device_args` as it goes on the wire: the YAML list, or an empty tuple when absent.
+    pub fn wire_args(&self) -> Value {
+        self.device_args.clone().unwrap_or(Value::Tuple(vec![]))
+    }
+
+    /// The class path of a `class//module.Class` device, e.g. `egse.dummy.DummyProxy`.
+    pub fn class_path(&self) -> Option<&str> {
+        self.device.as_str().map(|s| s.strip_prefix("class//").unwrap_or(s))
+    }
+
+    /// The device id as text, if any.
+    pub fn id_text(&self) -> Option<String> {
+        match &self.device_id {
+            Some(Value::Str(s)) => Some(s.clone()),
+            Some(Value::Int(i)) => Some(i.to_string()),
+            _ => None,
+        }
+    }
+
+    /// The device args as strings (for argv templates).
+    pub fn args_text(&self) -> Vec<String> {
+        match &self.device_args {
+            Some(Value::List(items) | Value::Tuple(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Str(s) => s.clone(),
+                    other => crate::protocol::py_repr(other),
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Node {
+    /// Parse Setup YAML text; the `Setup:` top-level key is used when present, as CGSE does.
+    pub fn from_yaml(text: &str, path: &str) -> Result<Node, SetupError> {
+        let doc: Json = serde_saphyr::from_str(text).map_err(|e| SetupError::Yaml {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let doc = match doc {
+            Json::Object(mut m) => match m.shift_remove("Setup") {
+                Some(inner @ Json::Object(_)) if m.is_empty() => inner,
+                Some(inner) => {
+                    m.insert("Setup".into(), inner);
+                    Json::Object(m)
+                }
+                None => Json::Object(m),
+            },
+            Json::Null => Json::Object(Default::default()),
+            _ => return Err(SetupError::NotAMapping),
+        };
+        Ok(from_json(doc))
+    }
+
+    /// Read a Setup YAML file.
+    pub fn from_file(path: &Path) -> Result<Node, SetupError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SetupError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Node::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Convert a decoded `egse.setup.Setup` (a dict subclass: its items come before BUILD) or any dict.
+    pub fn from_pickle(v: &Value) -> Result<Node, SetupError> {
+        match to_node(v) {
+            n @ Node::Map(_) => Ok(n),
+            Node::Leaf(_) => Err(SetupError::NotAMapping),
+        }
+    }
+
+    /// `Setup.find_devices`: depth first, YAML order; a node with both `device` and `device_name` is a
+    /// device (and is not searched further); a later duplicate name overwrites an earlier one.
+    pub fn devices(&self) -> Vec<Device> {
+        let mut out: Vec<Device> = Vec::new();
+        walk(self, &mut |d| match out.iter_mut().find(|e| e.name == d.name) {
+            Some(e) => *e = d,
+            None => out.push(d),
+        });
+        out
+    }
+
+    fn get(&self, key: &str) -> Option<&Node> {
+        match self {
+            Node::Map(items) => items.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v),
+            Node::Leaf(_) => None,
+        }
+    }
+
+    /// The site id and setup id, if the Setup carries them.
+    pub fn leaf(&self, key: &str) -> Option<&Value> {
+        match self.get(key) {
+            Some(Node::Leaf(v)) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+fn walk(node: &Node, found: &mut dyn FnMut(Device)) {
+    let Node::Map(items) = node else { return };
+    for (_, sub) in items {
+        let Node::Map(_) = sub else { continue };
+        if sub.get("device").is_some() && sub.get("device_name").is_some() {
+            let raw = |k: &str| match sub.get(k) {
+                Some(Node::Leaf(v)) => Some(v.clone()),
+                Some(n @ Node::Map(_)) => Some(node_value(n)),
+                None => None,
+            };
+            let name = match raw("device_name") {
+                Some(Value::Str(s)) => s,
+                Some(other) => crate::protocol::py_repr(&other),
+                None => continue,
+            };
+            found(Device {
+                name,
+                device: raw("device").unwrap_or(Value::None),
+                device_id: raw("device_id"),
+                device_args: raw("device_args"),
+            });
+        } else {
+            walk(sub, found);
+        }
+    }
+}
+
+/// `get_devices` reply: `{device_name: (device, device_id or None, device_args)}`.
+pub fn devices_reply(devices: &[Device]) -> Value {
+    Value::Dict(
+        devices
+            .iter()
+            .map(|d| {
+                (
+                    Value::str(&d.name),
+                    Value::Tuple(vec![
+                        d.device.clone(),
+                        d.device_id.clone().unwrap_or(Value::None),
+                        d.wire_args(),
+                    ]),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// `get_device_ids` reply: `{device_id: (device_name, device, device_args)}` for devices with an id.
+pub fn device_ids_reply(devices: &[Device]) -> Value {
+    let mut items: Vec<(Value, Value)> = Vec::new();
+    for d in devices {
+        let Some(id) = d.device_id.clone() else { continue };
+        let v = Value::Tuple(vec![Value::str(&d.name), d.device.clone(), d.wire_args()]);
+        match items.iter_mut().find(|(k, _)| *k == id) {
+            Some(e) => e.1 = v,
+            None => items.push((id, v)),
+        }
+    }
+    Value::Dict(items)
+}
+
+fn from_json(j: Json) -> Node {
+    match j {
+        Json::Object(m) => Node::Map(m.into_iter().map(|(k, v)| (k, from_json(v))).collect()),
+        other => Node::Leaf(json_value(other)),
+    }
+}
+
+fn json_value(j: Json) -> Value {
+    match j {
+        Json::Null => Value::None,
+        Json::Bool(b) => Value::Bool(b),
+        Json::Number(n) => n
+            .as_i64()
+            .map(Value::Int)
+            .unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN))),
+        Json::String(s) => Value::Str(s),
+        Json::Array(a) => Value::List(a.into_iter().map(json_value).collect()),
+        Json::Object(m) => Value::Dict(m.into_iter().map(|(k, v)| (Value::Str(k), json_value(v))).collect()),
+    }
+}
+
+fn to_node(v: &Value) -> Node {
+    let items: Option<&[(Value, Value)]> = match v {
+        Value::Dict(items) => Some(items),
+        Value::Object(o) if !o.dict_items.is_empty() || o.state.is_some() && o.list_items.is_empty() => {
+            Some(&o.dict_items)
+        }
+        _ => None,
+    };
+    match items {
+        Some(items) => Node::Map(
+            items
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| crate::protocol::py_repr(k)),
+                        to_node(v),
+                    )
+                })
+                .collect(),
+        ),
+        None => Node::Leaf(v.clone()),
+    }
+}
+
+fn node_value(n: &Node) -> Value {
+    match n {
+        Node::Leaf(v) => v.clone(),
+        Node::Map(items) => Value::Dict(items.iter().map(|(k, v)| (Value::str(k), node_value(v))).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+Setup:
+    site_id: LAB42
+    history:
+        "0": Zero Setup, no devices
+    gse:
+        dummy:
+            device: class//egse.dummy.DummyProxy
+            device_name: Dummy Device
+            device_id: DUMMY_01
+            ID: 42
+        hexapod:
+            device: class//egse.hexapod.symetrie.puna.PunaProxy
+            device_name: PUNA Hexapod
+            device_id: PUNA_01
+            device_args: [PUNA_01]
+        aeu:
+            psu1:
+                device: class//egse.aeu.aeu.PSUProxy
+                device_args: [1]
+                device_name: AEU PSU1
+                device_id: AEU_PSU1
+            crio:
+                device: class//egse.aeu.aeu.CRIOProxy
+                device_name: AEU cRIO
+    sut:
+        ID: SUT_A
+"#;
+
+    #[test]
+    fn walk_matches_cgse() {
+        let n = Node::from_yaml(EXAMPLE, "example").unwrap();
+        let devices = n.devices();
+        assert_eq!(
+            devices_reply(&devices),
+            Value::Dict(vec![
+                (
+                    Value::str("Dummy Device"),
+                    Value::Tuple(vec![
+                        Value::str("class//egse.dummy.DummyProxy"),
+                        Value::str("DUMMY_01"),
+                        Value::Tuple(vec![])
+                    ])
+                ),
+                (
+                    Value::str("PUNA Hexapod"),
+                    Value::Tuple(vec![
+                        Value::str("class//egse.hexapod.symetrie.puna.PunaProxy"),
+                        Value::str("PUNA_01"),
+                        Value::List(vec![Value::str("PUNA_01")])
+                    ])
+                ),
+                (
+                    Value::str("AEU PSU1"),
+                    Value::Tuple(vec![
+                        Value::str("class//egse.aeu.aeu.PSUProxy"),
+                        Value::str("AEU_PSU1"),
+                        Value::List(vec![Value::Int(1)])
+                    ])
+                ),
+                (
+                    Value::str("AEU cRIO"),
+                    Value::Tuple(vec![
+                        Value::str("class//egse.aeu.aeu.CRIOProxy"),
+                        Value::None,
+                        Value::Tuple(vec![])
+                    ])
+                ),
+            ])
+        );
+        let Value::Dict(ids) = device_ids_reply(&devices) else {
+            panic!()
+        };
+        let keys: Vec<_> = ids.iter().map(|(k, _)| k.as_str().unwrap()).collect();
+        assert_eq!(keys, ["DUMMY_01", "PUNA_01", "AEU_PSU1"]);
+        assert_eq!(devices[0].class_path(), Some("egse.dummy.DummyProxy"));
+    }
+
+    #[test]
+    fn empty_and_bad_setups() {
+        assert!(Node::from_yaml("", "x").unwrap().devices().is_empty());
+        assert!(Node::from_yaml("Setup:\n  a: [1, 2]\n", "x")
+            .unwrap()
+            .devices()
+            .is_empty());
+        assert!(Node::from_yaml("- a\n- b\n", "x").is_err());
+        assert!(Node::from_yaml("Setup: [", "x").is_err());
+    }
+}

@@ -1,0 +1,337 @@
+//! ZeroMQ sockets (zmq.rs), behind a few functions so that no other module depends on the library.
+//!
+//! zmq.rs has no socket options for timeouts, linger or high-water marks, and its `tcp://*:port` goes to
+//! DNS. So: we bind the TCP listener ourselves (the wildcard becomes `0.0.0.0`, a bind failure names the
+//! port, port 0 reports the real port), bound every wait with `tokio::time::timeout`, and recreate client
+//! sockets after any error or timeout (the "lazy pirate" pattern CGSE's own proxies use).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::time::Duration;
+
+use bytes::Bytes;
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+pub use zeromq::{PubSocket, RouterSocket};
+
+/// Transport-level failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot bind the {role} socket to {endpoint}: {source}")]
+    Bind {
+        role: String,
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("protocol '{0}' is not supported (procman speaks tcp)")]
+    Protocol(String),
+    #[error("cannot resolve host '{0}'")]
+    Resolve(String),
+    #[error("zeromq error on {endpoint}: {reason}")]
+    Zmq { endpoint: String, reason: String },
+    #[error("no reply from {endpoint} within {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
+    #[error("reply from {endpoint} has {frames} frames, expected 1")]
+    Frames { endpoint: String, frames: usize },
+}
+
+/// The address a server socket binds: CGSE's `*` means every interface.
+fn bind_addr(address: &str, port: u16) -> Result<SocketAddr, TransportError> {
+    let host = address.trim();
+    if host.is_empty() || host == "*" {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| TransportError::Resolve(host.to_owned()))
+}
+
+fn listener(protocol: &str, address: &str, port: u16, role: &str) -> Result<(TcpListener, u16), TransportError> {
+    if protocol != "tcp" {
+        return Err(TransportError::Protocol(protocol.to_owned()));
+    }
+    let endpoint = format!("tcp://{address}:{port}");
+    let addr = bind_addr(address, port)?;
+    let bind_err = |source| TransportError::Bind {
+        role: role.to_owned(),
+        endpoint: endpoint.clone(),
+        source,
+    };
+    let l = TcpListener::bind(addr).map_err(bind_err)?;
+    l.set_nonblocking(true).map_err(bind_err)?;
+    let actual = l.local_addr().map_err(bind_err)?.port();
+    Ok((l, actual))
+}
+
+/// Bind a ROUTER socket (serves REQ and DEALER clients); returns it with the real port.
+pub async fn bind_router(
+    protocol: &str,
+    address: &str,
+    port: u16,
+    role: &str,
+) -> Result<(RouterSocket, u16), TransportError> {
+    let (l, actual) = listener(protocol, address, port, role)?;
+    let mut socket = RouterSocket::new();
+    socket.bind_listener(l).await.map_err(|e| TransportError::Zmq {
+        endpoint: format!("tcp://{address}:{actual}"),
+        reason: e.to_string(),
+    })?;
+    Ok((socket, actual))
+}
+
+/// Bind a PUB socket; returns it with the real port.
+pub async fn bind_pub(
+    protocol: &str,
+    address: &str,
+    port: u16,
+    role: &str,
+) -> Result<(PubSocket, u16), TransportError> {
+    let (l, actual) = listener(protocol, address, port, role)?;
+    let mut socket = PubSocket::new();
+    socket.bind_listener(l).await.map_err(|e| TransportError::Zmq {
+        endpoint: format!("tcp://{address}:{actual}"),
+        reason: e.to_string(),
+    })?;
+    Ok((socket, actual))
+}
+
+/// A message as a list of frames.
+pub fn frames(msg: ZmqMessage) -> Vec<Bytes> {
+    msg.into_vec()
+}
+
+/// Build a message from frames (at least one).
+pub fn message(frames: Vec<Bytes>) -> Option<ZmqMessage> {
+    ZmqMessage::try_from(frames).ok()
+}
+
+/// The endpoint a client connects to. zmq.rs resolves `localhost` itself, but a hostname that resolves
+/// to IPv6 first would be tried as such; resolve here and prefer IPv4 like libzmq.
+pub fn client_endpoint(protocol: &str, host: &str, port: u16) -> Result<String, TransportError> {
+    if protocol != "tcp" {
+        return Err(TransportError::Protocol(protocol.to_owned()));
+    }
+    let ip = if let Ok(ip) = host.parse::<IpAddr>() {
+        ip
+    } else {
+        let addrs: Vec<SocketAddr> = (host, port)
+            .to_socket_addrs()
+            .map_err(|_| TransportError::Resolve(host.to_owned()))?
+            .collect();
+        addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| addrs.first())
+            .map(|a| a.ip())
+            .ok_or_else(|| TransportError::Resolve(host.to_owned()))?
+    };
+    Ok(match ip {
+        IpAddr::V4(v4) => format!("tcp://{v4}:{port}"),
+        IpAddr::V6(v6) => format!("tcp://[{v6}]:{port}"),
+    })
+}
+
+/// A REQ client that survives a dead or restarted server: after any error or timeout the socket is
+/// dropped and the next request connects afresh, so a late reply can never answer the wrong request.
+pub struct ReqClient {
+    endpoint: String,
+    socket: Option<zeromq::ReqSocket>,
+}
+
+impl ReqClient {
+    pub fn new(endpoint: impl Into<String>) -> ReqClient {
+        ReqClient {
+            endpoint: endpoint.into(),
+            socket: None,
+        }
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// True while a connected socket is kept.
+    pub fn is_connected(&self) -> bool {
+        self.socket.is_some()
+    }
+
+    /// Drop the socket; the next request reconnects.
+    pub fn reset(&mut self) {
+        self.socket = None;
+    }
+
+    /// Send one frame and wait for one frame, all within `timeout` (connecting included).
+    pub async fn request(&mut self, payload: Vec<u8>, timeout: Duration) -> Result<Bytes, TransportError> {
+        let endpoint = self.endpoint.clone();
+        match tokio::time::timeout(timeout, self.request_inner(payload, timeout)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => {
+                self.socket = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.socket = None;
+                Err(TransportError::Timeout { endpoint, timeout })
+            }
+        }
+    }
+
+    async fn request_inner(&mut self, payload: Vec<u8>, timeout: Duration) -> Result<Bytes, TransportError> {
+        let zerr = |endpoint: &str, e: zeromq::ZmqError| TransportError::Zmq {
+            endpoint: endpoint.to_owned(),
+            reason: e.to_string(),
+        };
+        if self.socket.is_none() {
+            let mut opts = zeromq::SocketOptions::default();
+            opts.connect_timeout(timeout);
+            let mut s = zeromq::ReqSocket::with_options(opts);
+            s.connect(&self.endpoint).await.map_err(|e| zerr(&self.endpoint, e))?;
+            self.socket = Some(s);
+        }
+        let Some(socket) = self.socket.as_mut() else {
+            return Err(TransportError::Zmq {
+                endpoint: self.endpoint.clone(),
+                reason: "not connected".into(),
+            });
+        };
+        socket
+            .send(ZmqMessage::from(payload))
+            .await
+            .map_err(|e| zerr(&self.endpoint, e))?;
+        let reply = socket.recv().await.map_err(|e| zerr(&self.endpoint, e))?;
+        let mut parts = reply.into_vec();
+        if parts.len() != 1 {
+            return Err(TransportError::Frames {
+                endpoint: self.endpoint.clone(),
+                frames: parts.len(),
+            });
+        }
+        Ok(parts.pop().unwrap_or_default())
+    }
+}
+
+/// A DEALER client for JSON request/reply peers (the Service Registry), with the same reset-on-failure
+/// discipline as [`ReqClient`].
+pub struct DealerClient {
+    endpoint: String,
+    socket: Option<zeromq::DealerSocket>,
+}
+
+impl DealerClient {
+    pub fn new(endpoint: impl Into<String>) -> DealerClient {
+        DealerClient {
+            endpoint: endpoint.into(),
+            socket: None,
+        }
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn reset(&mut self) {
+        self.socket = None;
+    }
+
+    /// Send `frames` and wait for one multi-frame reply within `timeout`.
+    pub async fn request(&mut self, frames: Vec<Bytes>, timeout: Duration) -> Result<Vec<Bytes>, TransportError> {
+        let endpoint = self.endpoint.clone();
+        let result = tokio::time::timeout(timeout, async {
+            let zerr = |e: zeromq::ZmqError| TransportError::Zmq {
+                endpoint: endpoint.clone(),
+                reason: e.to_string(),
+            };
+            if self.socket.is_none() {
+                let mut opts = zeromq::SocketOptions::default();
+                opts.connect_timeout(timeout);
+                let mut s = zeromq::DealerSocket::with_options(opts);
+                s.connect(&endpoint).await.map_err(zerr)?;
+                self.socket = Some(s);
+            }
+            let Some(socket) = self.socket.as_mut() else {
+                return Err(TransportError::Zmq {
+                    endpoint: endpoint.clone(),
+                    reason: "not connected".into(),
+                });
+            };
+            let msg = ZmqMessage::try_from(frames).map_err(|_| TransportError::Zmq {
+                endpoint: endpoint.clone(),
+                reason: "empty message".into(),
+            })?;
+            socket.send(msg).await.map_err(zerr)?;
+            let reply = socket.recv().await.map_err(zerr)?;
+            Ok(reply.into_vec())
+        })
+        .await;
+        match result {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                self.socket = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.socket = None;
+                Err(TransportError::Timeout { endpoint, timeout })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_binds_every_interface() {
+        assert_eq!(bind_addr("*", 5).unwrap(), "0.0.0.0:5".parse().unwrap());
+        assert_eq!(bind_addr("127.0.0.1", 5).unwrap(), "127.0.0.1:5".parse().unwrap());
+    }
+
+    #[tokio::test]
+    async fn port_zero_reports_the_real_port_and_busy_port_names_itself() {
+        let (_s, port) = bind_router("tcp", "127.0.0.1", 0, "commanding").await.unwrap();
+        assert_ne!(port, 0);
+        let err = bind_router("tcp", "127.0.0.1", port, "service")
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&format!("tcp://127.0.0.1:{port}")) && err.contains("service"),
+            "{err}"
+        );
+        assert!(matches!(
+            bind_pub("ipc", "x", 0, "monitoring").await,
+            Err(TransportError::Protocol(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn req_client_times_out_and_recovers() {
+        let (mut router, port) = bind_router("tcp", "127.0.0.1", 0, "commanding").await.unwrap();
+        let mut c = ReqClient::new(format!("tcp://127.0.0.1:{port}"));
+        // The server does not answer the first request: timeout, socket dropped.
+        let first = c.request(b"one".to_vec(), Duration::from_millis(300));
+        let (r, _) = tokio::join!(first, async {
+            let m = router.recv().await.unwrap();
+            assert_eq!(m.into_vec().last().unwrap().as_ref(), b"one");
+        });
+        assert!(matches!(r, Err(TransportError::Timeout { .. })));
+        assert!(!c.is_connected());
+        // The next request gets its own reply, never the late one.
+        let server = async {
+            let m = router.recv().await.unwrap();
+            let mut f = m.into_vec();
+            assert_eq!(f.last().unwrap().as_ref(), b"two");
+            f.pop();
+            f.push(Bytes::from_static(b"reply-two"));
+            router.send(ZmqMessage::try_from(f).unwrap()).await.unwrap();
+        };
+        let (r, _) = tokio::join!(c.request(b"two".to_vec(), Duration::from_secs(2)), server);
+        assert_eq!(r.unwrap().as_ref(), b"reply-two");
+    }
+}

@@ -1,0 +1,162 @@
+//! Small helpers shared by several modules: CGSE timestamps and the host address.
+
+use std::net::{IpAddr, ToSocketAddrs, UdpSocket};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Civil date (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// UTC broken-down time of a moment: (year, month, day, hour, minute, second, millisecond).
+pub fn utc_parts(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let secs = d.as_secs() as i64;
+    let (y, mo, day) = civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    (
+        y,
+        mo,
+        day,
+        (rem / 3600) as u32,
+        ((rem % 3600) / 60) as u32,
+        (rem % 60) as u32,
+        d.subsec_millis(),
+    )
+}
+
+/// CGSE's `format_datetime()`: `YYYY-MM-DDTHH:MM:SS.mmm+0000`, UTC.
+pub fn format_datetime(t: SystemTime) -> String {
+    let (y, mo, d, h, mi, s, ms) = utc_parts(t);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}+0000")
+}
+
+/// `YYYYMMDD` of a moment, UTC (the Storage Manager's daily folder and file names).
+pub fn yyyymmdd(t: SystemTime) -> String {
+    let (y, mo, d, ..) = utc_parts(t);
+    format!("{y:04}{mo:02}{d:02}")
+}
+
+/// Seconds since the UNIX epoch as a float.
+pub fn unix_time(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The address of the interface that routes outwards, as CGSE's `get_host_ip()` finds it: the local
+/// end of a UDP "connection" to 10.255.255.255 (nothing is sent), else the address of the host name.
+/// May block on name resolution: call it off the request path.
+pub fn host_ip() -> Option<String> {
+    let udp = UdpSocket::bind(("0.0.0.0", 0)).and_then(|s| s.connect(("10.255.255.255", 1)).map(|_| s));
+    if let Ok(local) = udp.and_then(|s| s.local_addr()) {
+        if !local.ip().is_unspecified() {
+            return Some(local.ip().to_string());
+        }
+    }
+    let name = nix::unistd::gethostname().ok()?.into_string().ok()?;
+    let addrs: Vec<IpAddr> = (name.as_str(), 0).to_socket_addrs().ok()?.map(|a| a.ip()).collect();
+    addrs
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or_else(|| addrs.first())
+        .map(|ip| ip.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_match_cgse_format() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_691_412_459);
+        assert_eq!(format_datetime(t), "2026-11-26T11:10:12.459+0000");
+        assert_eq!(yyyymmdd(t), "20261126");
+        assert_eq!(format_datetime(UNIX_EPOCH), "1970-01-01T00:00:00.000+0000");
+        // A leap day and the turn of a century.
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(yyyymmdd(t), "20000229");
+    }
+
+    #[test]
+    fn host_ip_is_an_address() {
+        if let Some(ip) = host_ip() {
+            assert!(ip.parse::<IpAddr>().is_ok(), "{ip}");
+        }
+    }
+}
+
+/// Python's `repr(float)`: shortest round-trip digits, `1000.0`, `1e-05`, `1e+16`, `inf`, `nan`.
+pub fn py_float_repr(f: f64) -> String {
+    if f.is_nan() {
+        return "nan".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "inf".into() } else { "-inf".into() };
+    }
+    if f == 0.0 {
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
+    }
+    // `{:e}` gives the shortest round-trip digits: "1.2345e-5".
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let negative = mantissa.starts_with('-');
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    let sign = if negative { "-" } else { "" };
+    if !(-4..16).contains(&exp) {
+        let (first, rest) = digits.split_at(1);
+        let m = if rest.is_empty() {
+            first.to_owned()
+        } else {
+            format!("{first}.{rest}")
+        };
+        let es = if exp < 0 { '-' } else { '+' };
+        return format!("{sign}{m}e{es}{:02}", exp.abs());
+    }
+    let n = digits.len() as i32;
+    let point = exp + 1; // digits before the decimal point
+    let body = if point <= 0 {
+        format!("0.{}{digits}", "0".repeat((-point) as usize))
+    } else if point >= n {
+        format!("{digits}{}.0", "0".repeat((point - n) as usize))
+    } else {
+        format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+    };
+    format!("{sign}{body}")
+}
+
+#[cfg(test)]
+mod float_tests {
+    use super::py_float_repr;
+
+    #[test]
+    fn matches_python_repr() {
+        for (f, s) in [
+            (1000.0, "1000.0"),
+            (250.0, "250.0"),
+            (203.60446822220538, "203.60446822220538"),
+            (0.0030, "0.003"),
+            (1e-05, "1e-05"),
+            (0.0001, "0.0001"),
+            (1e16, "1e+16"),
+            (1234567890123456.0, "1234567890123456.0"),
+            (-2.5, "-2.5"),
+            (0.1, "0.1"),
+            (1.5e300, "1.5e+300"),
+        ] {
+            assert_eq!(py_float_repr(f), s, "{f}");
+        }
+    }
+}
