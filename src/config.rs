@@ -380,6 +380,8 @@ pub struct ProcmanSettings {
     pub registry_ttl: Duration,
     pub limits: crate::codec::Limits,
     pub max_concurrent_requests: usize,
+    /// Monitoring messages kept for a subscriber that does not read; newer ones are dropped for it.
+    pub pub_queue_per_subscriber: usize,
     pub shutdown_timeout: Duration,
     pub state_dir: Option<PathBuf>,
     pub setup_file: Option<PathBuf>,
@@ -412,6 +414,7 @@ impl ProcmanSettings {
                 max_nodes: s.count(g, "MAX_DECODED_VALUES")?,
             },
             max_concurrent_requests: s.count(g, "MAX_CONCURRENT_REQUESTS")?,
+            pub_queue_per_subscriber: s.count(g, "PUB_QUEUE_PER_SUBSCRIBER")?,
             shutdown_timeout: s.seconds(g, "SHUTDOWN_TIMEOUT")?,
             state_dir: opt_path("STATE_DIR")?,
             setup_file: opt_path("SETUP_FILE")?,

@@ -1,4 +1,22 @@
-//! procman: the CGSE Process Manager control server in Rust.
+//! procman: the CGSE Process Manager control server (`pm_cs`) in Rust.
+//!
+//! # Layout
+//!
+//! Bytes come in on a socket and go out as a reply; each step is one module:
+//!
+//! - [`transport`]: the zmq.rs sockets (ROUTER for the commanding and service ports, PUB for monitoring)
+//!   and the REQ/DEALER clients. Nothing else touches zmq.rs.
+//! - [`codec`]: our pickle codec. Bytes ⇄ [`codec::Value`]; class references stay opaque; bounded.
+//! - [`protocol`]: what values mean on the wire: requests, `Failure` replies, the command tables.
+//! - [`server`]: the dispatcher (built-ins, table commands → a [`server::Handler`]) and the request loop.
+//! - [`service`]: the service socket's 12 commands. [`controller`]: the commanding socket's commands.
+//! - [`monitor`] / [`housekeeping`]: the status dict and the housekeeping record, from `/proc`.
+//! - [`storage`]: where housekeeping goes. [`setup`]: the Setup's device walk.
+//! - [`daemon`]: binds, runs and shuts everything down in order; [`assemble`] wires the integrations.
+//! - [`config`]: the only reader of settings files and CGSE environment variables.
+//! - [`client`]: a control-server client (our CLI, the Python proxy, peers). [`cli`]: the commands.
+//! - [`logging`]: tracing to stderr, with levels settable at run time.
+
 pub mod assemble;
 pub mod cli;
 pub mod client;
