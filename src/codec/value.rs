@@ -24,7 +24,10 @@ pub enum Value {
     Set(Vec<Value>),
     FrozenSet(Vec<Value>),
     /// A reference to a class or function, never resolved.
-    Global { module: String, qualname: String },
+    Global {
+        module: String,
+        qualname: String,
+    },
     /// An instance built by NEWOBJ / NEWOBJ_EX / REDUCE, optionally completed by BUILD.
     Object(Box<Object>),
 }
@@ -64,7 +67,10 @@ impl Value {
 
     /// A `Value::Global` reference.
     pub fn global(module: impl Into<String>, qualname: impl Into<String>) -> Value {
-        Value::Global { module: module.into(), qualname: qualname.into() }
+        Value::Global {
+            module: module.into(),
+            qualname: qualname.into(),
+        }
     }
 
     /// A dict from `(str, value)` pairs, keeping their order.
@@ -203,7 +209,11 @@ impl Object {
 
 /// Find a string key in dict items (last one wins, as Python's dict would keep it).
 pub fn dict_get<'a>(items: &'a [(Value, Value)], key: &str) -> Option<&'a Value> {
-    items.iter().rev().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+    items
+        .iter()
+        .rev()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
 }
 
 impl From<&str> for Value {
