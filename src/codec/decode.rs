@@ -264,8 +264,11 @@ impl<'a, 'l> Machine<'a, 'l> {
             data,
             pos: 0,
             limits,
-            nodes: Vec::new(),
-            stack: Vec::new(),
+            // CPython pickles hold roughly one object per 8 to 16 bytes, so this avoids most regrowth.
+            // No input holds more nodes than bytes, and exact doubling from `len / 8 + 1` reaches at
+            // least `len`, so the arena never reserves more than 32 bytes per input byte.
+            nodes: Vec::with_capacity(data.len() / 8 + 1),
+            stack: Vec::with_capacity(16),
             marks: Vec::new(),
             memo: HashMap::new(),
             indexes: HashMap::new(),

@@ -15,7 +15,8 @@ const BATCH: usize = 1000;
 /// The keyword arguments of a [`ObjectKind::Reduce`] object cannot be expressed by REDUCE and are not
 /// written; the decoder never produces them.
 pub fn encode(value: &Value) -> Vec<u8> {
-    let mut out = vec![0x80, 0x04];
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&[0x80, 0x04]);
     write(&mut out, value);
     out.push(b'.');
     out
