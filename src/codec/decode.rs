@@ -35,9 +35,9 @@ const MAX_DEDUP_KEY_BYTES: usize = 256;
 /// Dicts and sets up to this size are de-duplicated by a linear scan; larger ones get a hash index.
 const INDEX_THRESHOLD: usize = 8;
 
-/// Every this many payload bytes of a string, bytes or big int count as one more result node, so that
-/// memo references to one large string cannot multiply memory past the node budget (a `Value` is
-/// about 56 bytes, so the two are of the same order).
+/// Every this many payload bytes of a string, bytes, big int or global name count as one more result
+/// node, so that memo references to one large string cannot multiply memory past the node budget (a
+/// `Value` is 48 bytes, so a node and 64 payload bytes cost about the same).
 const PAYLOAD_BYTES_PER_NODE: usize = 64;
 
 /// Decode one pickle.
@@ -316,7 +316,7 @@ impl<'a, 'l> Machine<'a, 'l> {
             }
             _ => u64::from_le_bytes(self.take_array::<8>()?),
         };
-        let remaining = self.data.len() - self.pos;
+        let remaining = self.data.len().saturating_sub(self.pos);
         match usize::try_from(raw) {
             Ok(n) if n <= remaining => Ok(n),
             _ => Err(CodecError::Truncated(self.data.len())),
