@@ -215,8 +215,15 @@ fn uuid_text(obj: &Object) -> Option<String> {
     ))
 }
 
+/// Bytes of the largest integer rendered in decimal: about CPython's own limit of 4300 digits for
+/// `repr(int)`. The conversion is quadratic, so a huge LONG4 must not stall a log line.
+const MAX_DECIMAL_INT_BYTES: usize = 1786;
+
 /// Decimal text of a little-endian two's-complement integer of any length.
 pub(crate) fn bigint_decimal(bytes: &[u8]) -> String {
+    if bytes.len() > MAX_DECIMAL_INT_BYTES {
+        return format!("<int of {} bytes>", bytes.len());
+    }
     let negative = bytes.last().is_some_and(|b| b & 0x80 != 0);
     // Magnitude as little-endian bytes: negate (invert and add one) if negative.
     let mut mag: Vec<u8> = bytes.to_vec();
@@ -252,9 +259,8 @@ pub(crate) fn bigint_decimal(bytes: &[u8]) -> String {
             rem = cur % 1_000_000_000;
         }
         groups.push(rem as u32);
-        while limbs.first() == Some(&0) {
-            limbs.remove(0);
-        }
+        let leading_zeros = limbs.iter().take_while(|&&l| l == 0).count();
+        limbs.drain(..leading_zeros);
     }
     let mut out = String::new();
     if negative {
@@ -485,5 +491,7 @@ mod tests {
         if let Value::BigInt(b) = Value::from(u128::MAX) {
             assert_eq!(bigint_decimal(&b), u128::MAX.to_string());
         }
+        assert_eq!(bigint_decimal(&[0x11; 1787]), "<int of 1787 bytes>");
+        assert!(bigint_decimal(&[0x11; 1786]).bytes().all(|b| b.is_ascii_digit()));
     }
 }
