@@ -26,6 +26,7 @@ pub struct Limits {
     /// Most items in one list, tuple, dict or set.
     pub max_container_len: usize,
     /// Most values in the result tree, counting every copy a memo reference expands to.
+    /// Strings, bytes, big ints and global names count one extra value per 64 payload bytes.
     pub max_nodes: usize,
 }
 
