@@ -342,6 +342,14 @@ impl Actor {
         self.state = new;
         tracing::debug!(id = %self.id, %old, %new, pid = ?event_pid, "transition");
         self.publish(Some(old), event_pid, exit);
+        if new == ProcessState::Running {
+            // One more save once the program has settled, to record a command line changed by a late exec.
+            let persister = self.ctx.persister.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                persister.dirty();
+            });
+        }
     }
 
     fn run_pid(&self) -> Option<i32> {

@@ -100,6 +100,9 @@ pub enum SupervisorError {
     /// Becoming a child subreaper or starting the reaper failed.
     #[error("cannot install the child reaper: {0}")]
     Reaper(String),
+    /// `Supervisor::spawn` was called outside a tokio runtime.
+    #[error("the supervisor must be started inside a tokio runtime")]
+    NoRuntime,
     /// The supervisor is shutting down or its task is gone.
     #[error("the supervisor is shut down")]
     Closed,

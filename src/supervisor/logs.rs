@@ -31,7 +31,7 @@ use super::error::SupervisorError;
 /// Log capture settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogConfig {
-    /// Rotate a log file before it grows past this size.
+    /// Rotate a log file before it grows past this size (0: never rotate).
     pub max_bytes: u64,
     /// Rotated files kept (`.1` newest); 0 truncates instead.
     pub backups: u32,
@@ -322,7 +322,11 @@ async fn write_batch(
                 file.insert((f, size))
             }
         };
-        let room = cfg.max_bytes.saturating_sub(*size);
+        let room = if cfg.max_bytes == 0 {
+            u64::MAX
+        } else {
+            cfg.max_bytes.saturating_sub(*size)
+        };
         let take = if (data.len() as u64) <= room {
             data.len()
         } else {

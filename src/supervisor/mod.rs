@@ -184,7 +184,7 @@ impl Ctx {
 
     /// The state file contents for the current table.
     fn snapshot(&self) -> Vec<u8> {
-        let processes: Vec<SavedProcess> = {
+        let mut processes: Vec<SavedProcess> = {
             let table = self.table();
             table
                 .slots
@@ -200,6 +200,10 @@ impl Ctx {
                 })
                 .collect()
         };
+        // Outside the lock: `/proc` reads must not delay `list()`.
+        for p in &mut processes {
+            p.process = p.process.take().map(refresh_cmdline);
+        }
         let file = StateFile {
             version: state::STATE_VERSION,
             supervisor_pid: std::process::id() as i32,
@@ -256,7 +260,7 @@ impl Supervisor {
         events: mpsc::Sender<ProcessEvent>,
         readiness: Option<Arc<dyn ReadinessProbe>>,
     ) -> Result<SupervisorHandle, SupervisorError> {
-        tokio::runtime::Handle::try_current().map_err(|_| SupervisorError::Closed)?;
+        tokio::runtime::Handle::try_current().map_err(|_| SupervisorError::NoRuntime)?;
         check_unique(&definitions)?;
         let reaper = reaper::global()?;
         let fifo_dir = config.state_dir.join("fifo");
@@ -326,6 +330,19 @@ impl Supervisor {
         ctx.persister.dirty();
         Ok(SupervisorHandle { ctx })
     }
+}
+
+/// Re-reads the command line of a live process before saving it: a wrapper that `exec`s its real program
+/// after the spawn changes it, and a stale one would make the next supervisor refuse to re-adopt.
+fn refresh_cmdline(mut id: Identity) -> Identity {
+    if sys::same_process(id.pid, id.start_ticks) {
+        if let Ok(c) = sys::cmdline(id.pid) {
+            if !c.is_empty() {
+                id.cmdline = c;
+            }
+        }
+    }
+    id
 }
 
 fn check_unique(defs: &[ProcessDefinition]) -> Result<(), SupervisorError> {
