@@ -217,8 +217,10 @@ async fn commands_are_served_during_a_slow_stop() {
         &["bash", "-c", "trap '' TERM; sleep 1000 & wait"],
     );
     slow.stop_timeout = Duration::from_secs(2);
-    let other = def("conc-other", &["sleep", "1000"]);
-    let h = Harness::start("conc", vec![slow, other]);
+    let others: Vec<String> = (0..5).map(|i| format!("conc-other{i}")).collect();
+    let mut defs = vec![slow];
+    defs.extend(others.iter().map(|id| def(id, &["sleep", "1000"])));
+    let h = Harness::start("conc", defs);
     h.sup.start("conc-slow").await.unwrap();
     let pgid = h
         .wait_state("conc-slow", ProcessState::Running, T)
@@ -235,30 +237,41 @@ async fn commands_are_served_during_a_slow_stop() {
         ProcessState::Stopping
     );
 
-    let mut list_max = Duration::ZERO;
-    for _ in 0..20 {
+    // Several samples, judged by the median: other tests share the 2 cores.
+    let mut list_lat = Vec::new();
+    for _ in 0..21 {
         let t0 = Instant::now();
         let (_, l) = h.sup.list();
-        list_max = list_max.max(t0.elapsed());
-        assert_eq!(l.len(), 2);
+        list_lat.push(t0.elapsed());
+        assert_eq!(l.len(), 6);
     }
-    let t0 = Instant::now();
-    h.sup.start("conc-other").await.unwrap();
-    let start_took = t0.elapsed();
+    let mut start_lat = Vec::new();
+    for id in &others {
+        let t0 = Instant::now();
+        h.sup.start(id).await.unwrap();
+        start_lat.push(t0.elapsed());
+    }
+    list_lat.sort();
+    start_lat.sort();
+    let median = |v: &[Duration]| v[v.len() / 2];
     println!(
-        "during a 2 s stop: list() max {:.3} ms over 20 calls, start(other) {:.3} ms",
-        list_max.as_secs_f64() * 1e3,
-        start_took.as_secs_f64() * 1e3
+        "during a 2 s stop: list() median {:.3} ms, max {:.3} ms; start(other) median {:.3} ms, max {:.3} ms",
+        median(&list_lat).as_secs_f64() * 1e3,
+        list_lat[list_lat.len() - 1].as_secs_f64() * 1e3,
+        median(&start_lat).as_secs_f64() * 1e3,
+        start_lat[start_lat.len() - 1].as_secs_f64() * 1e3,
     );
     assert!(
-        list_max < Duration::from_millis(10),
-        "list took {list_max:?}"
+        median(&list_lat) < Duration::from_millis(10),
+        "list: {list_lat:?}"
     );
     assert!(
-        start_took < Duration::from_millis(10),
-        "start took {start_took:?}"
+        median(&start_lat) < Duration::from_millis(10),
+        "start: {start_lat:?}"
     );
-    h.wait_state("conc-other", ProcessState::Running, T).await;
+    for id in &others {
+        h.wait_state(id, ProcessState::Running, T).await;
+    }
     assert_eq!(
         h.sup.get("conc-slow").unwrap().state,
         ProcessState::Stopping
