@@ -32,5 +32,6 @@ pub mod server;
 pub mod service;
 pub mod setup;
 pub mod storage;
+pub mod supervisor;
 pub mod transport;
 pub mod util;

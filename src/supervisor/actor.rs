@@ -1,0 +1,1247 @@
+//! The state machine of one process: a task that owns the process and reacts to commands, exits (from the
+//! reaper or a pidfd), readiness results and its own timers. It never blocks: spawning is the only system call
+//! of note, and waiting (backoff, stop timeout, group-empty checks) is done with timers.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::pin::Pin;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::definition::{ProcessDefinition, RestartPolicy, ID_ENV};
+use super::error::SupervisorError;
+use super::logs::LogSink;
+use super::reaper::{ExitReport, ExitSender};
+use super::record::{
+    unix_now, DefinitionSummary, Desired, EventKind, ProcessEvent, ProcessRecord, ProcessState,
+};
+use super::state::Identity;
+use super::{sys, Ctx};
+
+/// Reply to a command.
+pub(crate) type Reply = oneshot::Sender<Result<(), SupervisorError>>;
+
+/// Messages to a process's state machine.
+pub(crate) enum ActorCmd {
+    Start(Reply),
+    Stop(Reply),
+    Restart(Reply),
+    Replace {
+        def: Arc<ProcessDefinition>,
+        restart: bool,
+        reply: Reply,
+    },
+    Remove,
+    Shutdown {
+        stop_children: bool,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// How a state machine begins.
+pub(crate) enum Initial {
+    /// New definition: start if `autostart`.
+    Fresh,
+    /// A live process from the state file.
+    Adopt {
+        identity: Identity,
+        start_time: Option<f64>,
+        restarts: u32,
+        desired: Desired,
+    },
+    /// In the state file with a pid that is gone (or reused): report EXITED, then apply the restart policy.
+    Lost {
+        reason: String,
+        restarts: u32,
+        desired: Desired,
+    },
+    /// In the state file without a process.
+    Saved {
+        state: ProcessState,
+        desired: Desired,
+        restarts: u32,
+        last_error: Option<String>,
+    },
+}
+
+type ProbeFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// The process currently owned.
+struct Run {
+    identity: Identity,
+    start_time: f64,
+    started: Instant,
+    /// A forking launcher that has not handed over yet.
+    launcher: bool,
+    /// Exit watch for a process that is not our child.
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    /// The leader's exit, once seen while stopping.
+    exit: Option<ExitReport>,
+}
+
+/// What follows a completed stop.
+enum AfterStop {
+    Idle,
+    Start,
+    Remove,
+    Shutdown(oneshot::Sender<()>),
+    Fail(String),
+}
+
+struct Stopping {
+    kill_at: Instant,
+    killed: bool,
+    give_up_at: Option<Instant>,
+    /// Survivors after SIGKILL were reported.
+    reported: bool,
+    next_poll: Option<Instant>,
+    then: AfterStop,
+}
+
+/// Group members left behind by an exited leader: signalled, then SIGKILLed at `kill_at`.
+struct Leftovers {
+    groups: Vec<i32>,
+    kill_at: Instant,
+}
+
+pub(crate) struct Actor {
+    id: String,
+    ctx: Arc<Ctx>,
+    def: Arc<ProcessDefinition>,
+    sink: Arc<LogSink>,
+    cmds: mpsc::UnboundedReceiver<ActorCmd>,
+    exit_tx: ExitSender,
+    exit_rx: mpsc::UnboundedReceiver<ExitReport>,
+    state: ProcessState,
+    desired: Desired,
+    run: Option<Run>,
+    stopping: Option<Stopping>,
+    leftovers: Option<Leftovers>,
+    backoff_at: Option<Instant>,
+    probe: Option<ProbeFuture>,
+    probe_at: Option<Instant>,
+    ready_deadline: Option<Instant>,
+    ready: Option<bool>,
+    starts: VecDeque<Instant>,
+    exits: VecDeque<String>,
+    next_delay: Duration,
+    restarts: u32,
+    last_error: Option<String>,
+    last_exit: Option<ExitReport>,
+    last_start_time: Option<f64>,
+    adopted: bool,
+    finished: bool,
+}
+
+/// The record of a process before its state machine has run.
+pub(crate) fn initial_record(def: &ProcessDefinition, sink: &LogSink) -> ProcessRecord {
+    ProcessRecord {
+        id: def.id.clone(),
+        state: ProcessState::Stopped,
+        pid: None,
+        pgid: None,
+        start_time: None,
+        uptime_s: None,
+        exit_code: None,
+        exit_signal: None,
+        restarts: 0,
+        last_error: None,
+        argv: def.effective_argv(),
+        cwd: def.cwd.clone(),
+        env: child_env(def),
+        ready: None,
+        stdout_log: sink.stdout_log.clone(),
+        stderr_log: sink.stderr_log.clone(),
+        log_dropped_bytes: 0,
+        adopted: false,
+        desired: if def.autostart {
+            Desired::Running
+        } else {
+            Desired::Stopped
+        },
+        definition: DefinitionSummary::of(def),
+    }
+}
+
+/// The explicit environment of the child, as shown in the status.
+fn child_env(def: &ProcessDefinition) -> std::collections::BTreeMap<String, String> {
+    let mut env = def.effective_env();
+    env.insert(ID_ENV.to_owned(), def.id.clone());
+    env
+}
+
+fn describe_exit(exit: Option<ExitReport>) -> String {
+    match exit {
+        Some(ExitReport { code: Some(c), .. }) => format!("exited with code {c}"),
+        Some(ExitReport {
+            signal: Some(s), ..
+        }) => {
+            let name = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?");
+            format!("killed by signal {s} ({name})")
+        }
+        _ => "exited; exit status unknown (not our child)".to_owned(),
+    }
+}
+
+async fn poll_probe(probe: &mut Option<ProbeFuture>) -> bool {
+    match probe {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn pidfd_exited(fd: Option<&AsyncFd<OwnedFd>>) {
+    match fd {
+        // Readable (or an error) means the process has exited.
+        Some(fd) => drop(fd.readable().await),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn earliest(times: impl IntoIterator<Item = Option<Instant>>) -> Option<Instant> {
+    times.into_iter().flatten().min()
+}
+
+impl Actor {
+    pub(crate) fn new(
+        ctx: Arc<Ctx>,
+        def: Arc<ProcessDefinition>,
+        sink: Arc<LogSink>,
+        cmds: mpsc::UnboundedReceiver<ActorCmd>,
+    ) -> Self {
+        let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+        Actor {
+            id: def.id.clone(),
+            next_delay: def.backoff.initial,
+            desired: if def.autostart {
+                Desired::Running
+            } else {
+                Desired::Stopped
+            },
+            ctx,
+            def,
+            sink,
+            cmds,
+            exit_tx,
+            exit_rx,
+            state: ProcessState::Stopped,
+            run: None,
+            stopping: None,
+            leftovers: None,
+            backoff_at: None,
+            probe: None,
+            probe_at: None,
+            ready_deadline: None,
+            ready: None,
+            starts: VecDeque::new(),
+            exits: VecDeque::new(),
+            restarts: 0,
+            last_error: None,
+            last_exit: None,
+            last_start_time: None,
+            adopted: false,
+            finished: false,
+        }
+    }
+
+    pub(crate) async fn run(mut self, initial: Initial) {
+        self.init(initial);
+        while !self.finished {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                Some(report) = self.exit_rx.recv() => self.on_exit(report),
+                cmd = self.cmds.recv() => match cmd {
+                    Some(cmd) => self.on_cmd(cmd),
+                    None => break,
+                },
+                ok = poll_probe(&mut self.probe) => {
+                    self.probe = None;
+                    self.on_probe(ok);
+                }
+                () = pidfd_exited(self.run.as_ref().and_then(|r| r.pidfd.as_ref())) => self.on_pidfd_exit(),
+                () = sleep_until_opt(deadline) => self.on_timer(),
+            }
+        }
+        self.sink.close(false);
+    }
+
+    // ----- reporting -------------------------------------------------------------------------------------
+
+    /// Copies the actor's view into the status table; with `old`, also emits a state event. Then asks for a
+    /// state-file write.
+    fn publish(
+        &mut self,
+        old: Option<ProcessState>,
+        event_pid: Option<i32>,
+        exit: Option<ExitReport>,
+    ) {
+        {
+            let mut table = self.ctx.table();
+            let Some(slot) = table.slot_mut(&self.id) else {
+                return;
+            };
+            let r = &mut slot.record;
+            r.state = self.state;
+            r.pid = self.run.as_ref().map(|run| run.identity.pid);
+            r.pgid = self.run.as_ref().map(|run| run.identity.pgid);
+            r.start_time = self
+                .run
+                .as_ref()
+                .map(|run| run.start_time)
+                .or(self.last_start_time);
+            r.exit_code = self.last_exit.and_then(|e| e.code);
+            r.exit_signal = self.last_exit.and_then(|e| e.signal);
+            r.restarts = self.restarts;
+            r.last_error = self.last_error.clone();
+            r.argv = match &self.run {
+                Some(run) => run.identity.argv.clone(),
+                None => self.def.effective_argv(),
+            };
+            r.cwd = self.def.cwd.clone();
+            r.env = child_env(&self.def);
+            r.ready = self.ready;
+            r.adopted = self.adopted;
+            r.desired = self.desired;
+            r.definition = DefinitionSummary::of(&self.def);
+            slot.def = self.def.clone();
+            slot.identity = self.run.as_ref().map(|run| run.identity.clone());
+            if let Some(old) = old {
+                table.emit(ProcessEvent {
+                    seq: 0,
+                    kind: EventKind::State,
+                    id: self.id.clone(),
+                    old_state: old,
+                    new_state: self.state,
+                    pid: event_pid,
+                    exit_code: exit.and_then(|e| e.code),
+                    exit_signal: exit.and_then(|e| e.signal),
+                    time: unix_now(),
+                });
+            }
+        }
+        self.ctx.persister.dirty();
+    }
+
+    fn set_state(&mut self, new: ProcessState, event_pid: Option<i32>, exit: Option<ExitReport>) {
+        let old = self.state;
+        self.state = new;
+        tracing::debug!(id = %self.id, %old, %new, pid = ?event_pid, "transition");
+        self.publish(Some(old), event_pid, exit);
+        if new == ProcessState::Running {
+            // One more save once the program has settled, to record a command line changed by a late exec.
+            let persister = self.ctx.persister.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                persister.dirty();
+            });
+        }
+    }
+
+    fn run_pid(&self) -> Option<i32> {
+        self.run.as_ref().map(|r| r.identity.pid)
+    }
+
+    // ----- start-up ----------------------------------------------------------------------------------------
+
+    fn init(&mut self, initial: Initial) {
+        match initial {
+            Initial::Fresh => {
+                if self.def.autostart {
+                    self.spawn_now();
+                } else {
+                    self.publish(None, None, None);
+                }
+            }
+            Initial::Adopt {
+                identity,
+                start_time,
+                restarts,
+                desired,
+            } => {
+                self.restarts = restarts;
+                self.desired = desired;
+                self.adopt(identity, start_time);
+            }
+            Initial::Lost {
+                reason,
+                restarts,
+                desired,
+            } => {
+                self.restarts = restarts;
+                self.desired = desired;
+                self.report_lost(reason);
+            }
+            Initial::Saved {
+                state,
+                desired,
+                restarts,
+                last_error,
+            } => {
+                self.restarts = restarts;
+                self.desired = desired;
+                self.last_error = last_error;
+                match state {
+                    ProcessState::Fatal => self.set_state(ProcessState::Fatal, None, None),
+                    _ if desired == Desired::Running => self.spawn_now(),
+                    ProcessState::Exited => self.set_state(ProcessState::Exited, None, None),
+                    _ => self.publish(None, None, None),
+                }
+            }
+        }
+    }
+
+    /// A process that should be running is not: EXITED, then the restart policy (status unknown = failure).
+    fn report_lost(&mut self, reason: String) {
+        tracing::warn!(id = %self.id, %reason, "process lost while the supervisor was away");
+        self.last_error = Some(reason);
+        self.set_state(ProcessState::Exited, None, None);
+        if self.desired == Desired::Running && self.def.restart != RestartPolicy::Never {
+            let delay = self
+                .def
+                .backoff
+                .jittered(self.def.backoff.initial, self.ctx.random_unit());
+            self.next_delay = self.def.backoff.next(self.def.backoff.initial);
+            self.backoff_at = Some(Instant::now() + delay);
+            self.set_state(ProcessState::Backoff, None, None);
+        }
+    }
+
+    /// Takes over a live process recorded by a previous supervisor.
+    fn adopt(&mut self, identity: Identity, start_time: Option<f64>) {
+        let pid = identity.pid;
+        let me = std::process::id() as i32;
+        // If it was re-parented to us, the reaper reports its exit (with the status); otherwise a pidfd does.
+        self.ctx.reaper.claim(pid, self.exit_tx.clone());
+        let ppid = sys::stat(pid).map(|s| s.ppid);
+        let pidfd = if ppid == Some(me) {
+            None
+        } else {
+            match sys::pidfd_watch(pid) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(id = %self.id, pid, error = %e, "pidfd_open failed");
+                    None
+                }
+            }
+        };
+        // The route exists now; check again so an exit in between is not missed.
+        if !sys::same_process(pid, identity.start_ticks) {
+            self.ctx.reaper.release(pid, &self.exit_tx);
+            self.report_lost(format!(
+                "pid {pid} exited while being re-adopted (exit status unknown)"
+            ));
+            return;
+        }
+        let start_time = start_time.unwrap_or_else(unix_now);
+        let age = Duration::from_secs_f64((unix_now() - start_time).max(0.0));
+        tracing::info!(id = %self.id, pid, "re-adopted a running process");
+        self.run = Some(Run {
+            identity,
+            start_time,
+            started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            launcher: false,
+            pidfd,
+            exit: None,
+        });
+        self.last_start_time = Some(start_time);
+        self.adopted = true;
+        self.set_state(ProcessState::Running, Some(pid), None);
+    }
+
+    // ----- commands ------------------------------------------------------------------------------------------
+
+    fn on_cmd(&mut self, cmd: ActorCmd) {
+        match cmd {
+            ActorCmd::Start(reply) => {
+                self.op_start();
+                let _ = reply.send(Ok(()));
+            }
+            ActorCmd::Stop(reply) => {
+                self.op_stop();
+                let _ = reply.send(Ok(()));
+            }
+            ActorCmd::Restart(reply) => {
+                self.op_restart();
+                let _ = reply.send(Ok(()));
+            }
+            ActorCmd::Replace {
+                def,
+                restart,
+                reply,
+            } => {
+                self.op_replace(def, restart);
+                let _ = reply.send(Ok(()));
+            }
+            ActorCmd::Remove => self.op_remove(),
+            ActorCmd::Shutdown {
+                stop_children,
+                done,
+            } => self.op_shutdown(stop_children, done),
+        }
+    }
+
+    /// Queues `then` behind a stop in progress, unless removal or shutdown is already queued.
+    fn queue_after_stop(&mut self, then: AfterStop) {
+        if let Some(st) = &mut self.stopping {
+            if matches!(
+                st.then,
+                AfterStop::Idle | AfterStop::Start | AfterStop::Fail(_)
+            ) {
+                st.then = then;
+            }
+        }
+    }
+
+    fn op_start(&mut self) {
+        self.desired = Desired::Running;
+        match self.state {
+            ProcessState::Starting | ProcessState::Running => self.publish(None, None, None),
+            ProcessState::Stopping => {
+                self.queue_after_stop(AfterStop::Start);
+                self.publish(None, None, None);
+            }
+            ProcessState::Backoff
+            | ProcessState::Stopped
+            | ProcessState::Exited
+            | ProcessState::Fatal => {
+                // An operator start is a fresh start: it clears FATAL and the crash-loop history.
+                self.starts.clear();
+                self.next_delay = self.def.backoff.initial;
+                self.last_error = None;
+                self.spawn_now();
+            }
+        }
+    }
+
+    fn op_stop(&mut self) {
+        self.desired = Desired::Stopped;
+        match self.state {
+            ProcessState::Starting | ProcessState::Running => self.begin_stop(AfterStop::Idle),
+            ProcessState::Stopping => {
+                self.queue_after_stop(AfterStop::Idle);
+                self.publish(None, None, None);
+            }
+            ProcessState::Backoff => {
+                self.backoff_at = None;
+                self.set_state(ProcessState::Stopped, None, None);
+            }
+            ProcessState::Stopped | ProcessState::Exited | ProcessState::Fatal => {
+                self.publish(None, None, None)
+            }
+        }
+    }
+
+    fn op_restart(&mut self) {
+        self.desired = Desired::Running;
+        self.starts.clear();
+        match self.state {
+            ProcessState::Starting | ProcessState::Running => self.begin_stop(AfterStop::Start),
+            ProcessState::Stopping => {
+                self.queue_after_stop(AfterStop::Start);
+                self.publish(None, None, None);
+            }
+            _ => {
+                self.next_delay = self.def.backoff.initial;
+                self.last_error = None;
+                self.spawn_now();
+            }
+        }
+    }
+
+    fn op_replace(&mut self, def: Arc<ProcessDefinition>, restart: bool) {
+        let changed = *def != *self.def;
+        self.def = def;
+        if changed
+            && restart
+            && matches!(self.state, ProcessState::Starting | ProcessState::Running)
+        {
+            self.begin_stop(AfterStop::Start);
+        } else {
+            self.publish(None, None, None);
+        }
+    }
+
+    fn op_remove(&mut self) {
+        self.desired = Desired::Stopped;
+        match self.state {
+            ProcessState::Starting | ProcessState::Running => self.begin_stop(AfterStop::Remove),
+            ProcessState::Stopping => {
+                if let Some(st) = &mut self.stopping {
+                    if !matches!(st.then, AfterStop::Shutdown(_)) {
+                        st.then = AfterStop::Remove;
+                    }
+                }
+            }
+            _ => self.remove(),
+        }
+    }
+
+    fn op_shutdown(&mut self, stop_children: bool, done: oneshot::Sender<()>) {
+        if !stop_children {
+            // Leave the process running for the next supervisor; the state file keeps its identity.
+            if let Some(pid) = self.run_pid() {
+                self.ctx.reaper.release(pid, &self.exit_tx);
+            }
+            self.publish(None, None, None);
+            let _ = done.send(());
+            self.finished = true;
+            return;
+        }
+        if let Some(l) = self.leftovers.take() {
+            for g in l.groups {
+                let _ = sys::signal_group(g, Signal::SIGKILL);
+            }
+        }
+        match self.state {
+            ProcessState::Starting | ProcessState::Running => {
+                self.begin_stop(AfterStop::Shutdown(done))
+            }
+            ProcessState::Stopping => {
+                if let Some(st) = &mut self.stopping {
+                    st.then = AfterStop::Shutdown(done);
+                }
+            }
+            ProcessState::Backoff => {
+                self.backoff_at = None;
+                self.set_state(ProcessState::Stopped, None, None);
+                let _ = done.send(());
+                self.finished = true;
+            }
+            _ => {
+                let _ = done.send(());
+                self.finished = true;
+            }
+        }
+    }
+
+    /// Forgets the process: event, table row, FIFOs.
+    fn remove(&mut self) {
+        self.backoff_at = None;
+        if let Some(l) = self.leftovers.take() {
+            for g in l.groups {
+                let _ = sys::signal_group(g, Signal::SIGKILL);
+            }
+        }
+        {
+            let mut table = self.ctx.table();
+            table.slots.retain(|s| s.record.id != self.id);
+            table.emit(ProcessEvent {
+                seq: 0,
+                kind: EventKind::Removed,
+                id: self.id.clone(),
+                old_state: self.state,
+                new_state: ProcessState::Stopped,
+                pid: None,
+                exit_code: None,
+                exit_signal: None,
+                time: unix_now(),
+            });
+        }
+        self.ctx.persister.dirty();
+        self.sink.close(true);
+        self.finished = true;
+    }
+
+    // ----- spawning and readiness ----------------------------------------------------------------------------
+
+    fn spawn_now(&mut self) {
+        if let Some(l) = self.leftovers.take() {
+            // Orphans of the previous run would hold its ports: they go before the new run starts.
+            for g in l.groups {
+                let _ = sys::signal_group(g, Signal::SIGKILL);
+            }
+        }
+        self.backoff_at = None;
+        let def = self.def.clone();
+        let argv = def.effective_argv();
+        let Some((program, args)) = argv.split_first() else {
+            self.after_failure(None, Duration::ZERO, Some("empty argv".to_owned()));
+            return;
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        if !def.inherit_env {
+            cmd.env_clear();
+        }
+        cmd.envs(def.effective_env()).env(ID_ENV, &self.id);
+        if let Some(cwd) = &def.cwd {
+            cmd.current_dir(cwd);
+        }
+        cmd.stdin(Stdio::null()).process_group(0);
+        let now = Instant::now();
+        self.starts.push_back(now);
+        let spawned = self.sink.child_stdio().and_then(|(out, err)| {
+            cmd.stdout(out).stderr(err);
+            self.ctx.reaper.spawn(&mut cmd, self.exit_tx.clone())
+        });
+        // Closes our copies of the child's FIFO descriptors.
+        drop(cmd);
+        match spawned {
+            Ok(pid) => {
+                let start_ticks = sys::stat(pid).map_or(0, |s| s.start_ticks);
+                let cmdline = sys::cmdline(pid)
+                    .ok()
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or_else(|| argv.clone());
+                let start_time = unix_now();
+                self.run = Some(Run {
+                    identity: Identity {
+                        pid,
+                        pgid: pid,
+                        groups: vec![pid],
+                        start_ticks,
+                        cmdline,
+                        argv,
+                    },
+                    start_time,
+                    started: now,
+                    launcher: def.forking,
+                    pidfd: None,
+                    exit: None,
+                });
+                self.last_start_time = Some(start_time);
+                self.last_exit = None;
+                self.ready = None;
+                self.adopted = false;
+                self.set_state(ProcessState::Starting, Some(pid), None);
+                if !def.forking {
+                    self.begin_readiness();
+                }
+            }
+            Err(e) => {
+                let msg = format!("cannot start {program:?}: {e}");
+                tracing::warn!(id = %self.id, error = %msg, "spawn failed");
+                self.after_failure(None, Duration::ZERO, Some(msg));
+            }
+        }
+    }
+
+    fn begin_readiness(&mut self) {
+        let pid = self.run_pid();
+        match (&self.def.readiness, &self.ctx.probe) {
+            (Some(r), Some(_)) => {
+                self.ready_deadline = Some(Instant::now() + r.timeout);
+                self.launch_probe();
+            }
+            (Some(_), None) => {
+                tracing::debug!(id = %self.id, "readiness configured but no probe installed; RUNNING at once");
+                self.set_state(ProcessState::Running, pid, None);
+            }
+            (None, _) => self.set_state(ProcessState::Running, pid, None),
+        }
+    }
+
+    fn launch_probe(&mut self) {
+        let (Some(probe), Some(deadline)) = (&self.ctx.probe, self.ready_deadline) else {
+            return;
+        };
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let attempt = probe.probe(&self.def);
+        self.probe = Some(Box::pin(async move {
+            tokio::time::timeout(remaining, attempt)
+                .await
+                .unwrap_or(false)
+        }));
+    }
+
+    fn clear_probe(&mut self) {
+        self.probe = None;
+        self.probe_at = None;
+        self.ready_deadline = None;
+    }
+
+    fn on_probe(&mut self, ok: bool) {
+        if self.state != ProcessState::Starting {
+            return;
+        }
+        self.ready = Some(ok);
+        let pid = self.run_pid();
+        if ok {
+            self.clear_probe();
+            self.set_state(ProcessState::Running, pid, None);
+            return;
+        }
+        let now = Instant::now();
+        match (self.ready_deadline, &self.def.readiness) {
+            (Some(deadline), Some(r)) if now < deadline => {
+                self.probe_at = Some((now + r.interval).min(deadline));
+                self.publish(None, None, None);
+            }
+            _ => {
+                let timeout = self
+                    .def
+                    .readiness
+                    .as_ref()
+                    .map_or(0.0, |r| r.timeout.as_secs_f64());
+                let msg = format!("not ready within {timeout:.1} s; stopped");
+                self.last_error = Some(msg.clone());
+                self.begin_stop(AfterStop::Fail(msg));
+            }
+        }
+    }
+
+    // ----- exits ---------------------------------------------------------------------------------------------
+
+    fn on_pidfd_exit(&mut self) {
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        run.pidfd = None;
+        let pid = run.identity.pid;
+        self.on_exit(ExitReport {
+            pid,
+            code: None,
+            signal: None,
+        });
+    }
+
+    fn on_exit(&mut self, report: ExitReport) {
+        let Some(run) = self.run.as_mut() else {
+            return;
+        };
+        if run.identity.pid != report.pid || run.exit.is_some() {
+            return;
+        }
+        if self.stopping.is_some() {
+            run.exit = Some(report);
+            self.last_exit = Some(report);
+            self.tick_stopping(Instant::now());
+            return;
+        }
+        match self.state {
+            ProcessState::Starting if run.launcher && report.code == Some(0) => {
+                self.adopt_descendants(report)
+            }
+            ProcessState::Starting | ProcessState::Running => self.on_unexpected_exit(report, None),
+            _ => {}
+        }
+    }
+
+    fn on_unexpected_exit(&mut self, report: ExitReport, reason: Option<String>) {
+        let Some(run) = self.run.take() else {
+            return;
+        };
+        self.clear_probe();
+        self.ctx.reaper.release(run.identity.pid, &self.exit_tx);
+        let uptime = run.started.elapsed();
+        self.clean_leftovers(&run);
+        self.last_exit = Some(report);
+        self.after_failure(Some(report), uptime, reason);
+    }
+
+    /// Group members that outlived their leader get the stop signal now and SIGKILL after the stop timeout.
+    fn clean_leftovers(&mut self, run: &Run) {
+        let groups: Vec<i32> = run
+            .identity
+            .groups
+            .iter()
+            .copied()
+            .filter(|g| sys::group_alive(*g))
+            .collect();
+        if groups.is_empty() {
+            return;
+        }
+        tracing::info!(id = %self.id, ?groups, "leader exited; stopping what is left of its process group");
+        for g in &groups {
+            let _ = sys::signal_group(*g, self.def.stop_signal);
+        }
+        self.leftovers = Some(Leftovers {
+            groups,
+            kill_at: Instant::now() + self.def.stop_timeout,
+        });
+    }
+
+    /// Decides what follows an exit that nobody asked for (or a failed start): EXITED, BACKOFF or FATAL.
+    fn after_failure(
+        &mut self,
+        exit: Option<ExitReport>,
+        uptime: Duration,
+        reason: Option<String>,
+    ) {
+        let success = reason.is_none() && exit.is_some_and(|e| e.code == Some(0));
+        let desc = reason.unwrap_or_else(|| describe_exit(exit));
+        self.exits.push_back(desc.clone());
+        while self.exits.len() > 5 {
+            self.exits.pop_front();
+        }
+        let backoff = self.def.backoff.clone();
+        if uptime >= backoff.reset_after {
+            self.next_delay = backoff.initial;
+        }
+        self.last_error = (!success).then(|| desc.clone());
+        let pid = exit.map(|e| e.pid);
+        let restart = self.desired == Desired::Running
+            && match self.def.restart {
+                RestartPolicy::Never => false,
+                RestartPolicy::OnFailure => !success,
+                RestartPolicy::Always => true,
+            };
+        if !restart {
+            self.set_state(ProcessState::Exited, pid, exit);
+            return;
+        }
+        let now = Instant::now();
+        let window = self.def.crash_loop.window;
+        while self
+            .starts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            self.starts.pop_front();
+        }
+        let max = self.def.crash_loop.max_starts as usize;
+        if max > 0 && self.starts.len() >= max {
+            let exits: Vec<&str> = self.exits.iter().map(String::as_str).collect();
+            let mut msg = format!(
+                "crash loop: {} starts within {:.0} s; last exits: {}",
+                self.starts.len(),
+                window.as_secs_f64(),
+                exits.join("; ")
+            );
+            if let Some(line) = self.sink.tail(1).pop() {
+                msg.push_str(&format!("; last output: {line}"));
+            }
+            tracing::warn!(id = %self.id, %msg, "giving up");
+            self.last_error = Some(msg);
+            self.set_state(ProcessState::Fatal, pid, exit);
+            return;
+        }
+        let delay = backoff.jittered(self.next_delay, self.ctx.random_unit());
+        self.next_delay = backoff.next(self.next_delay);
+        self.backoff_at = Some(now + delay);
+        self.set_state(ProcessState::Backoff, pid, exit);
+    }
+
+    /// A forking launcher exited 0: find the process it left behind and make it ours.
+    fn adopt_descendants(&mut self, launcher: ExitReport) {
+        let me = std::process::id() as i32;
+        let Some(run) = self.run.as_ref() else {
+            return;
+        };
+        let since = run.identity.start_ticks;
+        let launcher_pgid = run.identity.pgid;
+        let candidates = self.orphans_since(me, since);
+        let mut chosen = None;
+        for p in &candidates {
+            if self.ctx.reaper.claim(p.pid, self.exit_tx.clone()) {
+                chosen = Some(*p);
+                break;
+            }
+        }
+        let Some(main) = chosen else {
+            self.on_unexpected_exit(
+                launcher,
+                Some("forking launcher exited 0 but left no process to adopt".to_owned()),
+            );
+            return;
+        };
+        let mut groups = vec![launcher_pgid];
+        for p in &candidates {
+            if !groups.contains(&p.pgrp) {
+                groups.push(p.pgrp);
+            }
+        }
+        let cmdline = sys::cmdline(main.pid).unwrap_or_default();
+        if let Some(run) = self.run.as_mut() {
+            run.identity = Identity {
+                pid: main.pid,
+                pgid: main.pgrp,
+                groups,
+                start_ticks: main.start_ticks,
+                argv: cmdline.clone(),
+                cmdline,
+            };
+            run.launcher = false;
+        }
+        if !sys::same_process(main.pid, main.start_ticks) {
+            self.on_unexpected_exit(
+                ExitReport {
+                    pid: main.pid,
+                    code: None,
+                    signal: None,
+                },
+                Some("the process left by the forking launcher exited at once".to_owned()),
+            );
+            return;
+        }
+        tracing::info!(id = %self.id, launcher = launcher.pid, pid = main.pid, "adopted the launcher's process");
+        self.begin_readiness();
+    }
+
+    /// Live processes re-parented to us since `since` (clock ticks) that no state machine owns and that carry
+    /// our `PROCMAN_ID` marker (or, if none does, carry no marker at all), oldest first.
+    fn orphans_since(&self, me: i32, since: u64) -> Vec<sys::ProcStat> {
+        let unowned: Vec<(sys::ProcStat, Option<bool>)> = sys::all_processes()
+            .into_iter()
+            .filter(|p| {
+                p.ppid == me
+                    && p.state != 'Z'
+                    && p.start_ticks >= since
+                    && !self.ctx.reaper.is_routed(p.pid)
+            })
+            .map(|p| (p, sys::environ_has(p.pid, ID_ENV, &self.id)))
+            .collect();
+        let marked: Vec<sys::ProcStat> = unowned
+            .iter()
+            .filter(|(_, m)| *m == Some(true))
+            .map(|(p, _)| *p)
+            .collect();
+        let mut out = if marked.is_empty() {
+            unowned
+                .iter()
+                .filter(|(_, m)| m.is_none())
+                .map(|(p, _)| *p)
+                .collect()
+        } else {
+            marked
+        };
+        out.sort_by_key(|p| (p.start_ticks, p.pid));
+        out
+    }
+
+    // ----- stopping ------------------------------------------------------------------------------------------
+
+    /// Sends `signal` to every group of the run. For a re-adopted process whose pid now names another
+    /// process (start time differs), its group is left alone.
+    fn signal_run(&self, signal: Signal) {
+        let Some(run) = &self.run else {
+            return;
+        };
+        let id = &run.identity;
+        let leader_reused = run.exit.is_none()
+            && sys::stat(id.pid)
+                .is_some_and(|s| s.start_ticks != id.start_ticks && id.start_ticks != 0);
+        for g in &id.groups {
+            if leader_reused && *g == id.pid {
+                tracing::warn!(id = %self.id, pid = id.pid, "pid reused by another process; not signalling it");
+                continue;
+            }
+            if let Err(e) = sys::signal_group(*g, signal) {
+                tracing::warn!(id = %self.id, pgid = g, error = %e, "cannot signal the process group");
+            }
+        }
+    }
+
+    fn begin_stop(&mut self, then: AfterStop) {
+        self.clear_probe();
+        let Some(pid) = self.run_pid() else {
+            // Nothing to stop.
+            let stopping = Stopping {
+                kill_at: Instant::now(),
+                killed: true,
+                give_up_at: None,
+                reported: false,
+                next_poll: None,
+                then,
+            };
+            self.stopping = Some(stopping);
+            self.finish_stop();
+            return;
+        };
+        let signal = self.def.stop_signal;
+        self.signal_run(signal);
+        let now = Instant::now();
+        let killed = signal == Signal::SIGKILL;
+        self.stopping = Some(Stopping {
+            kill_at: now + self.def.stop_timeout,
+            killed,
+            give_up_at: killed.then(|| now + self.ctx.config.kill_grace),
+            reported: false,
+            next_poll: None,
+            then,
+        });
+        self.set_state(ProcessState::Stopping, Some(pid), None);
+    }
+
+    fn tick_stopping(&mut self, now: Instant) {
+        let poll = self.ctx.config.group_poll_interval;
+        let grace = self.ctx.config.kill_grace;
+        let (due_kill, leader_gone, launcher) = match (&self.stopping, &self.run) {
+            (Some(st), Some(run)) => (
+                !st.killed && now >= st.kill_at,
+                run.exit.is_some(),
+                run.launcher,
+            ),
+            (Some(_), None) => {
+                self.finish_stop();
+                return;
+            }
+            _ => return,
+        };
+        if due_kill {
+            tracing::info!(id = %self.id, "stop timeout: SIGKILL to the process group");
+            self.signal_run(Signal::SIGKILL);
+            if let Some(st) = &mut self.stopping {
+                st.killed = true;
+                st.give_up_at = Some(now + grace);
+            }
+        }
+        if leader_gone && launcher {
+            // A launcher stopped before handing over: its detached server is our orphan now; take it down too.
+            self.collect_launcher_orphans();
+        }
+        let groups = self
+            .run
+            .as_ref()
+            .map(|r| r.identity.groups.clone())
+            .unwrap_or_default();
+        let alive: Vec<i32> = groups
+            .iter()
+            .copied()
+            .filter(|g| sys::group_alive(*g))
+            .collect();
+        if leader_gone && alive.is_empty() {
+            self.finish_stop();
+            return;
+        }
+        // The leader's exit is an event; only the rest of the group needs polling.
+        let mut message = None;
+        if let Some(st) = &mut self.stopping {
+            let late = !st.reported && st.give_up_at.is_some_and(|t| now >= t);
+            if late {
+                st.reported = true;
+                let pids: Vec<i32> = alive.iter().flat_map(|g| sys::group_members(*g)).collect();
+                message = Some(format!(
+                    "still stopping: processes {pids:?} survive SIGKILL"
+                ));
+            }
+            if leader_gone {
+                st.next_poll = Some(
+                    now + if st.reported {
+                        Duration::from_secs(1)
+                    } else {
+                        poll
+                    },
+                );
+            }
+        }
+        if let Some(m) = message {
+            tracing::warn!(id = %self.id, "{m}");
+            self.last_error = Some(m);
+            self.publish(None, None, None);
+        }
+    }
+
+    fn collect_launcher_orphans(&mut self) {
+        let me = std::process::id() as i32;
+        let Some(run) = &self.run else {
+            return;
+        };
+        let since = run.identity.start_ticks;
+        let killed = self.stopping.as_ref().is_some_and(|s| s.killed);
+        let orphans: Vec<sys::ProcStat> = self
+            .orphans_since(me, since)
+            .into_iter()
+            .filter(|p| sys::environ_has(p.pid, ID_ENV, &self.id) == Some(true))
+            .collect();
+        if let Some(run) = self.run.as_mut() {
+            run.launcher = false;
+            for p in orphans {
+                if !run.identity.groups.contains(&p.pgrp) {
+                    run.identity.groups.push(p.pgrp);
+                }
+                let sig = if killed {
+                    Signal::SIGKILL
+                } else {
+                    self.def.stop_signal
+                };
+                let _ = sys::signal_group(p.pgrp, sig);
+            }
+        }
+    }
+
+    fn finish_stop(&mut self) {
+        let Some(st) = self.stopping.take() else {
+            return;
+        };
+        let run = self.run.take();
+        let exit = run.as_ref().and_then(|r| r.exit);
+        if let Some(r) = &run {
+            self.ctx.reaper.release(r.identity.pid, &self.exit_tx);
+        }
+        let pid = run.as_ref().map(|r| r.identity.pid);
+        if exit.is_some() {
+            self.last_exit = exit;
+        }
+        match st.then {
+            AfterStop::Idle => self.set_state(ProcessState::Stopped, pid, exit),
+            AfterStop::Start => {
+                self.set_state(ProcessState::Stopped, pid, exit);
+                self.next_delay = self.def.backoff.initial;
+                self.spawn_now();
+            }
+            AfterStop::Remove => {
+                self.set_state(ProcessState::Stopped, pid, exit);
+                self.remove();
+            }
+            AfterStop::Shutdown(done) => {
+                self.set_state(ProcessState::Stopped, pid, exit);
+                let _ = done.send(());
+                self.finished = true;
+            }
+            AfterStop::Fail(msg) => {
+                let uptime = run.map(|r| r.started.elapsed()).unwrap_or_default();
+                self.after_failure(exit, uptime, Some(msg));
+            }
+        }
+    }
+
+    // ----- timers --------------------------------------------------------------------------------------------
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let stop = self.stopping.as_ref().map(|st| {
+            let kill = (!st.killed).then_some(st.kill_at);
+            let give_up = st.give_up_at.filter(|_| !st.reported);
+            earliest([kill, st.next_poll, give_up])
+        });
+        earliest([
+            self.backoff_at,
+            self.probe_at,
+            stop.flatten(),
+            self.leftovers.as_ref().map(|l| l.kill_at),
+        ])
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.backoff_at.is_some_and(|t| t <= now) {
+            self.backoff_at = None;
+            if self.state == ProcessState::Backoff {
+                self.restarts += 1;
+                self.spawn_now();
+            }
+        }
+        if self.probe_at.is_some_and(|t| t <= now) {
+            self.probe_at = None;
+            self.launch_probe();
+        }
+        if let Some(st) = &mut self.stopping {
+            st.next_poll = None;
+            self.tick_stopping(now);
+        }
+        if self.leftovers.as_ref().is_some_and(|l| l.kill_at <= now) {
+            if let Some(l) = self.leftovers.take() {
+                for g in l.groups {
+                    let _ = sys::signal_group(g, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}

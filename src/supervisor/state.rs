@@ -1,0 +1,216 @@
+//! The state file that lets a restarted supervisor find its processes again.
+//!
+//! `<state_dir>/supervisor.json` holds, per process, the definition in effect, the desired state, and the
+//! identity of the running process: pid, process group(s), start time (field 22 of `/proc/<pid>/stat`, in clock
+//! ticks since boot) and command line. It is rewritten after every transition by one writer task (coalescing
+//! bursts), atomically: write a temporary file, fsync it, rename it over the old one, fsync the directory.
+//!
+//! A new supervisor re-adopts a process only if pid, start time and command line all still match; a pid that
+//! was reused by another process fails the start-time check and is never signalled.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+use super::definition::ProcessDefinition;
+use super::record::{Desired, ProcessState};
+use super::sys;
+
+/// Format version of `supervisor.json`.
+pub(crate) const STATE_VERSION: u32 = 1;
+
+/// Name of the state file inside the state directory.
+pub const STATE_FILE: &str = "supervisor.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct StateFile {
+    pub version: u32,
+    /// Pid of the supervisor that wrote the file (informational).
+    pub supervisor_pid: i32,
+    /// UNIX time of the write.
+    pub saved_at: f64,
+    pub processes: Vec<SavedProcess>,
+}
+
+/// Identity of a running process, enough to recognise it after a supervisor restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Identity {
+    pub pid: i32,
+    /// The main process group (the pid for processes we spawned).
+    pub pgid: i32,
+    /// Every group that belongs to the process (forking launchers can leave more than one).
+    pub groups: Vec<i32>,
+    pub start_ticks: u64,
+    /// `/proc/<pid>/cmdline` as last seen.
+    pub cmdline: Vec<String>,
+    /// The argv we executed (a program may exec itself into another command line; either matches).
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SavedProcess {
+    pub definition: ProcessDefinition,
+    pub desired: Desired,
+    pub state: ProcessState,
+    pub process: Option<Identity>,
+    /// UNIX time the process was started.
+    pub start_time: Option<f64>,
+    pub restarts: u32,
+    pub last_error: Option<String>,
+}
+
+/// Result of checking a saved identity against `/proc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Recognized {
+    /// Same pid, start time and command line: safe to adopt.
+    Alive,
+    /// No such process (or a zombie).
+    Gone,
+    /// The pid is alive but is another process; never touch it.
+    Reused(String),
+}
+
+/// Compares a saved identity with the live process table.
+pub(crate) fn recognize(id: &Identity) -> Recognized {
+    let Some(stat) = sys::stat(id.pid) else {
+        return Recognized::Gone;
+    };
+    if stat.state == 'Z' {
+        return Recognized::Gone;
+    }
+    if stat.start_ticks != id.start_ticks {
+        return Recognized::Reused(format!(
+            "pid {} now belongs to another process (start time {} ≠ saved {}); not adopted",
+            id.pid, stat.start_ticks, id.start_ticks
+        ));
+    }
+    let cmdline = sys::cmdline(id.pid).unwrap_or_default();
+    if cmdline != id.cmdline && cmdline != id.argv {
+        return Recognized::Reused(format!(
+            "pid {} has command line {:?}, saved {:?}; not adopted",
+            id.pid, cmdline, id.cmdline
+        ));
+    }
+    Recognized::Alive
+}
+
+/// Reads the state file. `Ok(None)` when there is none.
+///
+/// A file that cannot be parsed is renamed to `supervisor.json.corrupt` and reported as an error string, so
+/// the caller can log it and start empty rather than refuse to start.
+pub(crate) fn load(path: &Path) -> Result<Option<StateFile>, String> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    match serde_json::from_slice::<StateFile>(&bytes) {
+        Ok(s) if s.version == STATE_VERSION => Ok(Some(s)),
+        Ok(s) => Err(format!(
+            "{}: unsupported version {}",
+            path.display(),
+            s.version
+        )),
+        Err(e) => {
+            let aside = path.with_extension("json.corrupt");
+            let _ = fs::rename(path, &aside);
+            Err(format!(
+                "{}: {e} (moved to {})",
+                path.display(),
+                aside.display()
+            ))
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically and durably: tmp + fsync + rename + fsync(dir).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Coalescing writer: transitions mark the state dirty; one task writes the newest snapshot.
+pub(crate) struct Persister {
+    path: PathBuf,
+    requested: AtomicU64,
+    wake: Notify,
+    written: watch::Sender<u64>,
+}
+
+impl Persister {
+    pub(crate) fn new(path: PathBuf) -> Arc<Self> {
+        Arc::new(Persister {
+            path,
+            requested: AtomicU64::new(0),
+            wake: Notify::new(),
+            written: watch::Sender::new(0),
+        })
+    }
+
+    /// Asks for a write of the current state.
+    pub(crate) fn dirty(&self) {
+        self.requested.fetch_add(1, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Waits until a write that started after this call has finished.
+    pub(crate) async fn flush(&self) {
+        let target = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        self.wake.notify_one();
+        let mut rx = self.written.subscribe();
+        let _ = rx.wait_for(|w| *w >= target).await;
+    }
+
+    /// The writer loop: `snapshot` is called without any lock held by us and returns the serialized state.
+    pub(crate) async fn run<F>(
+        self: Arc<Self>,
+        snapshot: F,
+        stop: tokio_util::sync::CancellationToken,
+    ) where
+        F: Fn() -> Vec<u8> + Send + 'static,
+    {
+        let mut last_error: Option<String> = None;
+        loop {
+            let stopping = tokio::select! {
+                _ = self.wake.notified() => false,
+                _ = stop.cancelled() => true,
+            };
+            let target = self.requested.load(Ordering::SeqCst);
+            if target > *self.written.borrow() {
+                let bytes = snapshot();
+                let path = self.path.clone();
+                let result = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes)).await;
+                match result {
+                    Ok(Ok(())) => last_error = None,
+                    Ok(Err(e)) => {
+                        let msg = e.to_string();
+                        if last_error.as_deref() != Some(msg.as_str()) {
+                            tracing::error!(path = %self.path.display(), error = %msg, "cannot write the state file");
+                        }
+                        last_error = Some(msg);
+                    }
+                    Err(e) => tracing::error!(error = %e, "state writer task failed"),
+                }
+                // Marked written even on error, so `flush` never hangs; the error is logged.
+                self.written.send_replace(target);
+            }
+            if stopping {
+                break;
+            }
+        }
+    }
+}
