@@ -434,6 +434,20 @@ def _tail(text_or_path: str | Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _die_with_parent() -> None:
+    """``preexec_fn``: SIGKILL this child when the process that started it dies (Linux ``PR_SET_PDEATHSIG``).
+
+    The services run in their own session, so without this a crashed or killed pytest would leave them running.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 def _pid_alive(pid: int) -> bool:
     """True when ``pid`` exists and is not a zombie."""
     try:
@@ -521,6 +535,7 @@ class RefProcess:
                 cwd=self.env.run_dir,
                 env=self.env.env(),
                 start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509 - only prctl() runs
             )
         self.pids.append(self.popen.pid)
         self.started_at = time.monotonic()
