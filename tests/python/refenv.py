@@ -448,6 +448,28 @@ def _die_with_parent() -> None:
         pass
 
 
+def _session_members(sid: int) -> list[int]:
+    """Pids of the live processes in session ``sid`` (a session we created with ``start_new_session``)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            members.append(int(entry.name))
+    return members
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every live process of session ``sid``, by pid."""
+    for pid in _session_members(sid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _pid_alive(pid: int) -> bool:
     """True when ``pid`` exists and is not a zombie."""
     try:
@@ -640,11 +662,9 @@ class RefProcess:
         return self
 
     def _kill_leftovers(self) -> None:
-        """SIGKILL what is left of the process group we created for this service (children it spawned)."""
-        if self.popen is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        """SIGKILL what is left in the session we created for this service (children it spawned), pid by pid."""
+        if self.popen is not None:
+            _kill_session(self.popen.pid)
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else f"exited rc={self.returncode}"
@@ -957,6 +977,7 @@ def _run(
         env=dict(env) if env is not None else _minimal_env(),
         cwd=cwd,
         start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509 - only prctl()
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -965,8 +986,7 @@ def _run(
             os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=10)
         raise RefRunError(f"timed out after {timeout} s: {' '.join(argv)}", None, out.decode(), err.decode()) from None
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever the command left behind in its session
+    _kill_session(proc.pid)  # whatever the command left behind in its session
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
