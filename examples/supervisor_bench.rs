@@ -5,9 +5,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use procman::supervisor::{
-    ProcessDefinition, ProcessEvent, ProcessState, Supervisor, SupervisorConfig,
-};
+use procman::supervisor::{ProcessDefinition, ProcessEvent, ProcessState, Supervisor, SupervisorConfig};
 use tokio::sync::mpsc;
 
 const N: usize = 50;
@@ -41,9 +39,7 @@ async fn wait_events(
     let mut seen = 0;
     let mut last = None;
     while seen < count {
-        let e = tokio::time::timeout(Duration::from_secs(30), rx.recv())
-            .await
-            .ok()??;
+        let e = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.ok()??;
         if pred(&e) {
             seen += 1;
             last = Some(e);
@@ -59,8 +55,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = SupervisorConfig::new(dir.join("state"), dir.join("log"));
     let mut defs: Vec<ProcessDefinition> = (0..N)
         .map(|i| {
-            let mut d =
-                ProcessDefinition::new(format!("p{i:02}"), vec!["sleep".into(), "1000".into()]);
+            let mut d = ProcessDefinition::new(format!("p{i:02}"), vec!["sleep".into(), "1000".into()]);
             d.stop_timeout = Duration::from_secs(5);
             d
         })
@@ -114,22 +109,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 3. Crash → restart with zero backoff, 20 times.
     sup.start("crash").await?;
-    let mut pid = wait_events(&mut rx, 1, |e| {
-        e.id == "crash" && e.new_state == ProcessState::Running
-    })
-    .await
-    .and_then(|e| e.pid)
-    .ok_or("crash target did not start")?;
+    let mut pid = wait_events(&mut rx, 1, |e| e.id == "crash" && e.new_state == ProcessState::Running)
+        .await
+        .and_then(|e| e.pid)
+        .ok_or("crash target did not start")?;
     let mut detect = Vec::new();
     let mut restart = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
         kill(Pid::from_raw(pid), Signal::SIGKILL)?;
         let old = pid;
-        wait_events(&mut rx, 1, |e| {
-            e.id == "crash" && e.new_state == ProcessState::Backoff
-        })
-        .await;
+        wait_events(&mut rx, 1, |e| e.id == "crash" && e.new_state == ProcessState::Backoff).await;
         detect.push(t.elapsed());
         let ev = wait_events(&mut rx, 1, |e| {
             e.id == "crash" && e.new_state == ProcessState::Running && e.pid != Some(old)

@@ -385,6 +385,8 @@ pub struct ProcmanSettings {
     pub shutdown_timeout: Duration,
     pub state_dir: Option<PathBuf>,
     pub setup_file: Option<PathBuf>,
+    /// The process definition table (`settings/procman.yaml` format); None = the embedded one.
+    pub process_table: Option<PathBuf>,
 }
 
 impl ProcmanSettings {
@@ -418,6 +420,7 @@ impl ProcmanSettings {
             shutdown_timeout: s.seconds(g, "SHUTDOWN_TIMEOUT")?,
             state_dir: opt_path("STATE_DIR")?,
             setup_file: opt_path("SETUP_FILE")?,
+            process_table: opt_path("PROCESS_TABLE")?,
         })
     }
 }

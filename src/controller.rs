@@ -1,32 +1,20 @@
 //! The commanding table's process-management commands.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::codec::Value;
 use crate::server::{Call, CommandError, Handler, HandlerFuture};
-use crate::setup::{device_ids_reply, devices_reply, Node};
+use crate::setup::{device_ids_reply, devices_reply, SetupSource};
 
 /// The Process Manager controller.
 pub struct Controller {
     core_processes: Vec<(String, String)>,
-    setup_file: Option<PathBuf>,
+    setup: Arc<dyn SetupSource>,
 }
 
 impl Controller {
-    pub fn new(core_processes: Vec<(String, String)>, setup_file: Option<PathBuf>) -> Controller {
-        Controller {
-            core_processes,
-            setup_file,
-        }
-    }
-
-    fn setup(&self) -> Result<Option<Node>, CommandError> {
-        match &self.setup_file {
-            Some(p) => Node::from_file(p)
-                .map(Some)
-                .map_err(|e| CommandError::Failed(e.to_string())),
-            None => Ok(None),
-        }
+    pub fn new(core_processes: Vec<(String, String)>, setup: Arc<dyn SetupSource>) -> Controller {
+        Controller { core_processes, setup }
     }
 
     async fn call(&self, call: Call) -> Result<Value, CommandError> {
@@ -43,14 +31,18 @@ impl Controller {
             "get_devices" => {
                 call.bind(&[], 0)?;
                 Ok(self
-                    .setup()?
+                    .setup
+                    .current()
+                    .await
                     .map(|n| devices_reply(&n.devices()))
                     .unwrap_or(Value::Dict(vec![])))
             }
             "get_device_ids" => {
                 call.bind(&[], 0)?;
                 Ok(self
-                    .setup()?
+                    .setup
+                    .current()
+                    .await
                     .map(|n| device_ids_reply(&n.devices()))
                     .unwrap_or(Value::Dict(vec![])))
             }

@@ -345,3 +345,113 @@ Setup:
         assert!(Node::from_yaml("Setup: [", "x").is_err());
     }
 }
+
+/// Where the current Setup comes from: the Configuration Manager (with a cache), or a local file.
+pub trait SetupSource: Send + Sync {
+    /// The current Setup; `None` when no source has one (the device tables are then empty).
+    fn current(&self)
+        -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<std::sync::Arc<Node>>> + Send + '_>>;
+    /// Where the Setup comes from now, for logs and status.
+    fn describe(&self) -> String;
+}
+
+/// The embedded default: a local Setup YAML file — `Procman.SETUP_FILE`, else the Setup named by
+/// `<data>/last_setup_id.txt` under the configuration data location (as the Configuration Manager finds
+/// it) — re-read when the file changes.
+pub struct LocalSetup {
+    explicit: Option<std::path::PathBuf>,
+    conf_dir: Option<std::path::PathBuf>,
+    last_id_file: Option<std::path::PathBuf>,
+    site_id: String,
+    cache: std::sync::Mutex<Option<(std::path::PathBuf, std::time::SystemTime, std::sync::Arc<Node>)>>,
+}
+
+impl LocalSetup {
+    pub fn new(
+        explicit: Option<std::path::PathBuf>,
+        conf_dir: Option<std::path::PathBuf>,
+        data_dir: Option<std::path::PathBuf>,
+        site_id: String,
+    ) -> LocalSetup {
+        LocalSetup {
+            explicit,
+            conf_dir,
+            last_id_file: data_dir.map(|d| d.join("last_setup_id.txt")),
+            site_id,
+            cache: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The file to read now, if any.
+    pub fn path(&self) -> Option<std::path::PathBuf> {
+        if let Some(p) = &self.explicit {
+            return Some(p.clone());
+        }
+        let id: u32 = std::fs::read_to_string(self.last_id_file.as_ref()?)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        find_setup_file(self.conf_dir.as_ref()?, &self.site_id, id)
+    }
+
+    /// Read (or reuse) the Setup; errors are logged and give `None`.
+    pub fn load(&self) -> Option<std::sync::Arc<Node>> {
+        let path = self.path()?;
+        let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, t, n)) = cache.as_ref() {
+            if *p == path && *t == mtime {
+                return Some(n.clone());
+            }
+        }
+        match Node::from_file(&path) {
+            Ok(n) => {
+                let n = std::sync::Arc::new(n);
+                *cache = Some((path, mtime, n.clone()));
+                Some(n)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "local Setup unusable");
+                None
+            }
+        }
+    }
+}
+
+impl SetupSource for LocalSetup {
+    fn current(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<std::sync::Arc<Node>>> + Send + '_>> {
+        Box::pin(async move { self.load() })
+    }
+
+    fn describe(&self) -> String {
+        match self.path() {
+            Some(p) => format!("local Setup file {}", p.display()),
+            None => "no Setup (no Configuration Manager and no local Setup file)".to_owned(),
+        }
+    }
+}
+
+/// `SETUP_<SITE>_<NNNNN>_<YYMMDD>_<HHMMSS>.yaml` under `dir` (searched recursively, like the CM).
+pub fn find_setup_file(dir: &Path, site_id: &str, id: u32) -> Option<std::path::PathBuf> {
+    let prefix = format!("SETUP_{site_id}_{id:05}_");
+    let mut stack = vec![dir.to_path_buf()];
+    let mut found = Vec::new();
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
+                if name.starts_with(&prefix) && name.ends_with(".yaml") {
+                    found.push(p);
+                }
+            }
+        }
+    }
+    found.sort();
+    found.pop()
+}

@@ -6,8 +6,7 @@ use std::time::Duration;
 use procman::supervisor::{validate_cgse_cmd, DeviceSpec, PingTarget, ProcessTable, RestartPolicy};
 
 fn table() -> ProcessTable {
-    ProcessTable::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("settings/procman.yaml"))
-        .unwrap()
+    ProcessTable::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("settings/procman.yaml")).unwrap()
 }
 
 #[test]
@@ -27,18 +26,10 @@ fn shipped_table_parses_and_resolves_the_dummy_device() {
         d.effective_argv(),
         ["python3", "-m", "egse.dummy.dummy_cs", "start", "--sim"]
     );
-    assert_eq!(
-        d.env.get("CGSE_DEVICE_ID").map(String::as_str),
-        Some("DUMMY_01")
-    );
+    assert_eq!(d.env.get("CGSE_DEVICE_ID").map(String::as_str), Some("DUMMY_01"));
     assert_eq!(d.restart, RestartPolicy::OnFailure);
     assert_eq!(d.stop_timeout, Duration::from_secs(5));
-    assert_eq!(
-        d.effective_env()
-            .get("PYTHONUNBUFFERED")
-            .map(String::as_str),
-        Some("1")
-    );
+    assert_eq!(d.effective_env().get("PYTHONUNBUFFERED").map(String::as_str), Some("1"));
     let ping = d.readiness.unwrap().ping;
     assert_eq!(
         ping,
@@ -88,10 +79,7 @@ fn shipped_table_lists_core_services_in_order() {
     );
     let defs = t.core_definitions().unwrap();
     let sm = defs.iter().find(|d| d.id == "Storage Manager").unwrap();
-    assert_eq!(
-        sm.argv,
-        ["python3", "-m", "egse.storage.storage_cs", "start"]
-    );
+    assert_eq!(sm.argv, ["python3", "-m", "egse.storage.storage_cs", "start"]);
     assert_eq!(sm.service_type.as_deref(), Some("SM_CS"));
     assert!(sm.autostart);
     assert_eq!(
@@ -118,33 +106,17 @@ fn client_commands_are_validated_never_shelled() {
         "bash",
         "",
     ] {
-        assert!(
-            validate_cgse_cmd(refused, &allowed).is_err(),
-            "accepted {refused:?}"
-        );
+        assert!(validate_cgse_cmd(refused, &allowed).is_err(), "accepted {refused:?}");
     }
-    let e = validate_cgse_cmd("sh -c true", &allowed)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("not allowed") && e.contains("allowed programs: cgse"),
-        "{e}"
-    );
-    assert_eq!(
-        validate_cgse_cmd("cgse dummy", &allowed).unwrap(),
-        ["cgse", "dummy"]
-    );
+    let e = validate_cgse_cmd("sh -c true", &allowed).unwrap_err().to_string();
+    assert!(e.contains("not allowed") && e.contains("allowed programs: cgse"), "{e}");
+    assert_eq!(validate_cgse_cmd("cgse dummy", &allowed).unwrap(), ["cgse", "dummy"]);
 
     // A legacy StartCommand becomes a forking definition with a literal argv.
     let d = table()
         .legacy_definition("PUNA_01", "cgse puna", &["PUNA_01".into()], true)
         .unwrap();
     assert!(d.forking);
-    assert_eq!(
-        d.effective_argv(),
-        ["cgse", "puna", "start", "PUNA_01", "--sim"]
-    );
-    assert!(table()
-        .legacy_definition("X", "cgse puna; reboot", &[], false)
-        .is_err());
+    assert_eq!(d.effective_argv(), ["cgse", "puna", "start", "PUNA_01", "--sim"]);
+    assert!(table().legacy_definition("X", "cgse puna; reboot", &[], false).is_err());
 }

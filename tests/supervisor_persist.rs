@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use procman::supervisor::{
-    install_reaper, sys, ProcessDefinition, ProcessState, RestartPolicy, STATE_FILE,
-};
+use procman::supervisor::{install_reaper, sys, ProcessDefinition, ProcessState, RestartPolicy, STATE_FILE};
 use supervisor_util::{config, count_cmdline, def, eventually, Harness, KillGuard, TempDir};
 
 const T: Duration = Duration::from_secs(10);
@@ -66,10 +64,7 @@ async fn helper_entry() {
     }
     println!(
         "READY {}",
-        pids.iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
+        pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ")
     );
     // Bounded: the test kills us long before this.
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -105,9 +100,7 @@ fn run_helper(dir: &std::path::Path, tag: &str, guard: &KillGuard) -> (i32, Vec<
             }
         }
     });
-    let pids = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("helper ready");
+    let pids = rx.recv_timeout(Duration::from_secs(30)).expect("helper ready");
     assert_eq!(pids.len(), 3);
     for p in &pids {
         guard.track_pid(*p);
@@ -130,25 +123,15 @@ async fn readopts_after_supervisor_is_killed() {
     }
     let (helper, pids) = run_helper(dir.path(), tag, &guard);
     kill(Pid::from_raw(helper), Signal::SIGKILL).unwrap();
-    assert!(
-        eventually(T, || sys::stat(helper).is_none()).await,
-        "helper gone"
-    );
+    assert!(eventually(T, || sys::stat(helper).is_none()).await, "helper gone");
     for p in &pids {
         assert!(sys::stat(*p).is_some(), "child {p} survived the supervisor");
     }
 
     // Supervisor B, same state directory and definitions (autostart!): adopts, starts nothing new.
-    let h = Harness::start_with(
-        TempDir::new("readopt-b"),
-        config(dir.path()),
-        three(tag),
-        None,
-    );
+    let h = Harness::start_with(TempDir::new("readopt-b"), config(dir.path()), three(tag), None);
     for (i, p) in pids.iter().enumerate() {
-        let r = h
-            .wait_state(&format!("{tag}-{i}"), ProcessState::Running, T)
-            .await;
+        let r = h.wait_state(&format!("{tag}-{i}"), ProcessState::Running, T).await;
         assert_eq!(r.pid, Some(*p));
         assert!(r.adopted);
         assert_eq!(sys::stat(*p).unwrap().ppid, std::process::id() as i32);
@@ -156,18 +139,12 @@ async fn readopts_after_supervisor_is_killed() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     for i in 0..3 {
         let argv = format!("1000.{}{i}", tag.len());
-        assert_eq!(
-            count_cmdline(&["sleep", &argv]),
-            1,
-            "no duplicate of {tag}-{i}"
-        );
+        assert_eq!(count_cmdline(&["sleep", &argv]), 1, "no duplicate of {tag}-{i}");
     }
     // An adopted child (re-parented to us) is watched by the reaper: its crash is seen, with the signal.
     kill(Pid::from_raw(pids[0]), Signal::SIGKILL).unwrap();
     let ev = h
-        .wait_event(T, |e| {
-            e.id == "kill-0" && e.new_state == ProcessState::Backoff
-        })
+        .wait_event(T, |e| e.id == "kill-0" && e.new_state == ProcessState::Backoff)
         .await;
     assert_eq!((ev.pid, ev.exit_signal), (Some(pids[0]), Some(9)));
     h.wait_event(T, |e| {
@@ -194,30 +171,18 @@ async fn readopts_non_children_through_pidfd() {
     }
     // The helper's supervisor shuts down without stopping; the helper stays alive as their parent.
     let (helper, pids) = run_helper(dir.path(), tag, &guard);
-    let h = Harness::start_with(
-        TempDir::new("pidfd-b"),
-        config(dir.path()),
-        three(tag),
-        None,
-    );
+    let h = Harness::start_with(TempDir::new("pidfd-b"), config(dir.path()), three(tag), None);
     for (i, p) in pids.iter().enumerate() {
-        let r = h
-            .wait_state(&format!("{tag}-{i}"), ProcessState::Running, T)
-            .await;
+        let r = h.wait_state(&format!("{tag}-{i}"), ProcessState::Running, T).await;
         assert_eq!(r.pid, Some(*p));
         assert_eq!(sys::stat(*p).unwrap().ppid, helper, "not our child");
     }
     // Killed behind our back: the pidfd reports the exit, status unknown; the policy restarts it.
     kill(Pid::from_raw(pids[1]), Signal::SIGKILL).unwrap();
     let ev = h
-        .wait_event(T, |e| {
-            e.id == "detach-1" && e.new_state == ProcessState::Backoff
-        })
+        .wait_event(T, |e| e.id == "detach-1" && e.new_state == ProcessState::Backoff)
         .await;
-    assert_eq!(
-        (ev.pid, ev.exit_code, ev.exit_signal),
-        (Some(pids[1]), None, None)
-    );
+    assert_eq!((ev.pid, ev.exit_code, ev.exit_signal), (Some(pids[1]), None, None));
     let r = h.sup.get("detach-1").unwrap();
     assert!(r.last_error.unwrap().contains("exit status unknown"));
     // Stop of a non-child: STOPPED once its group is empty (the helper reaps it).
@@ -272,11 +237,7 @@ async fn reused_pid_is_never_adopted() {
     });
     let cfg = config(dir.path());
     std::fs::create_dir_all(&cfg.state_dir).unwrap();
-    std::fs::write(
-        cfg.state_dir.join(STATE_FILE),
-        serde_json::to_vec(&state).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(cfg.state_dir.join(STATE_FILE), serde_json::to_vec(&state).unwrap()).unwrap();
 
     let h = Harness::start_with(TempDir::new("reuse-b"), cfg, vec![d, d2], None);
     for id in ["reuse-a", "reuse-b"] {
@@ -288,9 +249,6 @@ async fn reused_pid_is_never_adopted() {
     h.sup.shutdown(true).await;
     // Never signalled: still alive with its own start time.
     let now = sys::stat(pid).unwrap();
-    assert_eq!(
-        (now.start_ticks, now.state == 'Z'),
-        (real.start_ticks, false)
-    );
+    assert_eq!((now.start_ticks, now.state == 'Z'), (real.start_ticks, false));
     guard.kill_all();
 }

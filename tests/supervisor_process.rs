@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use procman::supervisor::{
-    sys, EventKind, PingTarget, ProcessDefinition, ProcessState, Readiness, ReadinessProbe,
-    RestartPolicy,
+    sys, EventKind, PingTarget, ProcessDefinition, ProcessState, Readiness, ReadinessProbe, RestartPolicy,
 };
 use supervisor_util::{config, def, eventually, Harness, TempDir};
 
@@ -39,10 +38,7 @@ async fn start_stop_status_of_sleep() {
 
     let t0 = Instant::now();
     h.sup.stop("basic-sleep").await.unwrap();
-    assert!(
-        t0.elapsed() < Duration::from_millis(50),
-        "stop returns at once"
-    );
+    assert!(t0.elapsed() < Duration::from_millis(50), "stop returns at once");
     let r = h.wait_state("basic-sleep", ProcessState::Stopped, T).await;
     assert_eq!(r.exit_signal, Some(Signal::SIGTERM as i32));
     assert_eq!(r.restarts, 0);
@@ -61,18 +57,12 @@ async fn kill_9_is_restarted_after_backoff() {
     d.backoff.initial = Duration::from_millis(200);
     d.backoff.jitter = 0.0;
     let h = Harness::start("crash", vec![d]);
-    let first = h
-        .wait_state("crash-sleep", ProcessState::Running, T)
-        .await
-        .pid
-        .unwrap();
+    let first = h.wait_state("crash-sleep", ProcessState::Running, T).await.pid.unwrap();
 
     let t_kill = Instant::now();
     kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
     let backoff = h
-        .wait_event(T, |e| {
-            e.id == "crash-sleep" && e.new_state == ProcessState::Backoff
-        })
+        .wait_event(T, |e| e.id == "crash-sleep" && e.new_state == ProcessState::Backoff)
         .await;
     let detect = t_kill.elapsed();
     assert_eq!(backoff.exit_signal, Some(9));
@@ -109,11 +99,7 @@ async fn kill_9_is_restarted_after_backoff() {
     // Sequence numbers are contiguous from 1.
     let seqs: Vec<u64> = h.events_of("").iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
-    let states: Vec<ProcessState> = h
-        .events_of("crash-sleep")
-        .iter()
-        .map(|e| e.new_state)
-        .collect();
+    let states: Vec<ProcessState> = h.events_of("crash-sleep").iter().map(|e| e.new_state).collect();
     use ProcessState::*;
     assert_eq!(states, [Starting, Running, Backoff, Starting, Running]);
     assert!(running.seq > backoff.seq);
@@ -174,11 +160,7 @@ async fn stop_kills_term_ignoring_group_with_grandchildren() {
     d.stop_timeout = Duration::from_millis(500);
     let h = Harness::start("tree", vec![d]);
     h.sup.start("tree-bash").await.unwrap();
-    let pgid = h
-        .wait_state("tree-bash", ProcessState::Running, T)
-        .await
-        .pgid
-        .unwrap();
+    let pgid = h.wait_state("tree-bash", ProcessState::Running, T).await.pgid.unwrap();
     assert!(
         eventually(T, || sys::group_members(pgid).len() == 3).await,
         "bash + 2 sleeps"
@@ -192,50 +174,34 @@ async fn stop_kills_term_ignoring_group_with_grandchildren() {
         "TERM-ignoring group with grandchildren stopped in {:.1} ms (stop_timeout 500 ms)",
         took.as_secs_f64() * 1e3
     );
-    assert!(
-        took >= Duration::from_millis(490),
-        "SIGKILL came too early: {took:?}"
-    );
+    assert!(took >= Duration::from_millis(490), "SIGKILL came too early: {took:?}");
     assert!(
         took < Duration::from_millis(500 + 300),
         "stop timeout not honoured: {took:?}"
     );
     assert_eq!(r.exit_signal, Some(9));
     // Not one process of the group survives, zombies included (they have been reaped).
-    let left: Vec<_> = sys::all_processes()
-        .into_iter()
-        .filter(|p| p.pgrp == pgid)
-        .collect();
+    let left: Vec<_> = sys::all_processes().into_iter().filter(|p| p.pgrp == pgid).collect();
     assert!(left.is_empty(), "left in group {pgid}: {left:?}");
     h.sup.shutdown(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_are_served_during_a_slow_stop() {
-    let mut slow = def(
-        "conc-slow",
-        &["bash", "-c", "trap '' TERM; sleep 1000 & wait"],
-    );
+    let mut slow = def("conc-slow", &["bash", "-c", "trap '' TERM; sleep 1000 & wait"]);
     slow.stop_timeout = Duration::from_secs(2);
     let others: Vec<String> = (0..5).map(|i| format!("conc-other{i}")).collect();
     let mut defs = vec![slow];
     defs.extend(others.iter().map(|id| def(id, &["sleep", "1000"])));
     let h = Harness::start("conc", defs);
     h.sup.start("conc-slow").await.unwrap();
-    let pgid = h
-        .wait_state("conc-slow", ProcessState::Running, T)
-        .await
-        .pgid
-        .unwrap();
+    let pgid = h.wait_state("conc-slow", ProcessState::Running, T).await.pgid.unwrap();
     // The trap is set once bash has started its sleep.
     assert!(eventually(T, || sys::group_members(pgid).len() == 2).await);
 
     h.sup.stop("conc-slow").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        h.sup.get("conc-slow").unwrap().state,
-        ProcessState::Stopping
-    );
+    assert_eq!(h.sup.get("conc-slow").unwrap().state, ProcessState::Stopping);
 
     // Several samples, judged by the median: other tests share the 2 cores.
     let mut list_lat = Vec::new();
@@ -261,21 +227,12 @@ async fn commands_are_served_during_a_slow_stop() {
         median(&start_lat).as_secs_f64() * 1e3,
         start_lat[start_lat.len() - 1].as_secs_f64() * 1e3,
     );
-    assert!(
-        median(&list_lat) < Duration::from_millis(10),
-        "list: {list_lat:?}"
-    );
-    assert!(
-        median(&start_lat) < Duration::from_millis(10),
-        "start: {start_lat:?}"
-    );
+    assert!(median(&list_lat) < Duration::from_millis(10), "list: {list_lat:?}");
+    assert!(median(&start_lat) < Duration::from_millis(10), "start: {start_lat:?}");
     for id in &others {
         h.wait_state(id, ProcessState::Running, T).await;
     }
-    assert_eq!(
-        h.sup.get("conc-slow").unwrap().state,
-        ProcessState::Stopping
-    );
+    assert_eq!(h.sup.get("conc-slow").unwrap().state, ProcessState::Stopping);
     h.wait_state("conc-slow", ProcessState::Stopped, T).await;
     h.sup.shutdown(true).await;
 }
@@ -309,11 +266,7 @@ async fn logs_are_captured_rotated_and_tailed() {
     .await;
     assert!(ok, "tail: {:?}", h.sup.log_tail("logs-printer", 1000));
     assert_eq!(h.sup.log_tail("logs-printer", 3).unwrap().len(), 3);
-    assert_eq!(
-        h.sup.log_tail("logs-printer", 1000).unwrap().len(),
-        500,
-        "ring capped"
-    );
+    assert_eq!(h.sup.log_tail("logs-printer", 1000).unwrap().len(), 500, "ring capped");
 
     let out = r.stdout_log.clone();
     let rotated = |i: u32| std::path::PathBuf::from(format!("{}.{i}", out.display()));
@@ -363,9 +316,7 @@ async fn a_flood_of_output_never_blocks_the_child() {
     assert_eq!(r.exit_code, Some(0));
     let written = eventually(Duration::from_secs(5), || {
         let r = h.sup.get("flood-head").unwrap();
-        let size = std::fs::metadata(&r.stdout_log)
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let size = std::fs::metadata(&r.stdout_log).map(|m| m.len()).unwrap_or(0);
         // Everything is either in the files (rotated at 10 MB by default, so one file) or counted as dropped.
         size + r.log_dropped_bytes == 8_000_000
     })
@@ -399,9 +350,7 @@ async fn forking_launcher_hands_over_its_server() {
         .await
         .pid
         .unwrap();
-    let r = h
-        .wait_state("fork-launcher", ProcessState::Running, T)
-        .await;
+    let r = h.wait_state("fork-launcher", ProcessState::Running, T).await;
     let server = r.pid.unwrap();
     assert_ne!(server, launcher);
     assert_eq!(sys::cmdline(server).unwrap(), ["sleep", "1000.5"]);
@@ -415,9 +364,7 @@ async fn forking_launcher_hands_over_its_server() {
     // A crash of the adopted server is seen (we are its parent now) and restarts the launcher.
     kill(Pid::from_raw(server), Signal::SIGKILL).unwrap();
     let ev = h
-        .wait_event(T, |e| {
-            e.id == "fork-launcher" && e.new_state == ProcessState::Backoff
-        })
+        .wait_event(T, |e| e.id == "fork-launcher" && e.new_state == ProcessState::Backoff)
         .await;
     assert_eq!((ev.pid, ev.exit_signal), (Some(server), Some(9)));
     let r2 = h
@@ -428,8 +375,7 @@ async fn forking_launcher_hands_over_its_server() {
     let server2 = r2.pid.unwrap();
 
     h.sup.stop("fork-launcher").await.unwrap();
-    h.wait_state("fork-launcher", ProcessState::Stopped, T)
-        .await;
+    h.wait_state("fork-launcher", ProcessState::Stopped, T).await;
     assert!(sys::stat(server2).is_none(), "adopted server stopped");
     h.sup.shutdown(true).await;
 }
@@ -453,10 +399,7 @@ struct CountingProbe {
 }
 
 impl ReadinessProbe for CountingProbe {
-    fn probe(
-        &self,
-        _def: &ProcessDefinition,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>> {
+    fn probe(&self, _def: &ProcessDefinition) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>> {
         let n = self.seen.fetch_add(1, Ordering::SeqCst);
         let ok = n >= self.fail;
         Box::pin(async move { ok })
@@ -514,16 +457,8 @@ async fn apply_restarts_only_changed_definitions() {
     b.autostart = true;
     let c = def("apply-c", &["sleep", "1002"]);
     let h = Harness::start("apply", vec![a.clone(), b.clone(), c]);
-    let pid_a = h
-        .wait_state("apply-a", ProcessState::Running, T)
-        .await
-        .pid
-        .unwrap();
-    let pid_b = h
-        .wait_state("apply-b", ProcessState::Running, T)
-        .await
-        .pid
-        .unwrap();
+    let pid_a = h.wait_state("apply-a", ProcessState::Running, T).await.pid.unwrap();
+    let pid_b = h.wait_state("apply-b", ProcessState::Running, T).await.pid.unwrap();
 
     let mut b2 = b.clone();
     b2.argv = vec!["sleep".into(), "1003".into()];
@@ -566,9 +501,6 @@ async fn missing_program_ends_fatal_with_reason() {
     h.sup.start("missing-prog").await.unwrap();
     let r = h.wait_state("missing-prog", ProcessState::Fatal, T).await;
     let err = r.last_error.unwrap();
-    assert!(
-        err.contains("cannot start") && err.contains("No such file"),
-        "{err}"
-    );
+    assert!(err.contains("cannot start") && err.contains("No such file"), "{err}");
     h.sup.shutdown(true).await;
 }

@@ -20,9 +20,7 @@ use super::definition::{ProcessDefinition, RestartPolicy, ID_ENV};
 use super::error::SupervisorError;
 use super::logs::LogSink;
 use super::reaper::{ExitReport, ExitSender};
-use super::record::{
-    unix_now, DefinitionSummary, Desired, EventKind, ProcessEvent, ProcessRecord, ProcessState,
-};
+use super::record::{unix_now, DefinitionSummary, Desired, EventKind, ProcessEvent, ProcessRecord, ProcessState};
 use super::state::Identity;
 use super::{sys, Ctx};
 
@@ -181,9 +179,7 @@ fn child_env(def: &ProcessDefinition) -> std::collections::BTreeMap<String, Stri
 fn describe_exit(exit: Option<ExitReport>) -> String {
     match exit {
         Some(ExitReport { code: Some(c), .. }) => format!("exited with code {c}"),
-        Some(ExitReport {
-            signal: Some(s), ..
-        }) => {
+        Some(ExitReport { signal: Some(s), .. }) => {
             let name = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?");
             format!("killed by signal {s} ({name})")
         }
@@ -284,12 +280,7 @@ impl Actor {
 
     /// Copies the actor's view into the status table; with `old`, also emits a state event. Then asks for a
     /// state-file write.
-    fn publish(
-        &mut self,
-        old: Option<ProcessState>,
-        event_pid: Option<i32>,
-        exit: Option<ExitReport>,
-    ) {
+    fn publish(&mut self, old: Option<ProcessState>, event_pid: Option<i32>, exit: Option<ExitReport>) {
         {
             let mut table = self.ctx.table();
             let Some(slot) = table.slot_mut(&self.id) else {
@@ -299,11 +290,7 @@ impl Actor {
             r.state = self.state;
             r.pid = self.run.as_ref().map(|run| run.identity.pid);
             r.pgid = self.run.as_ref().map(|run| run.identity.pgid);
-            r.start_time = self
-                .run
-                .as_ref()
-                .map(|run| run.start_time)
-                .or(self.last_start_time);
+            r.start_time = self.run.as_ref().map(|run| run.start_time).or(self.last_start_time);
             r.exit_code = self.last_exit.and_then(|e| e.code);
             r.exit_signal = self.last_exit.and_then(|e| e.signal);
             r.restarts = self.restarts;
@@ -442,9 +429,7 @@ impl Actor {
         // The route exists now; check again so an exit in between is not missed.
         if !sys::same_process(pid, identity.start_ticks) {
             self.ctx.reaper.release(pid, &self.exit_tx);
-            self.report_lost(format!(
-                "pid {pid} exited while being re-adopted (exit status unknown)"
-            ));
+            self.report_lost(format!("pid {pid} exited while being re-adopted (exit status unknown)"));
             return;
         }
         let start_time = start_time.unwrap_or_else(unix_now);
@@ -479,29 +464,19 @@ impl Actor {
                 self.op_restart();
                 let _ = reply.send(Ok(()));
             }
-            ActorCmd::Replace {
-                def,
-                restart,
-                reply,
-            } => {
+            ActorCmd::Replace { def, restart, reply } => {
                 self.op_replace(def, restart);
                 let _ = reply.send(Ok(()));
             }
             ActorCmd::Remove => self.op_remove(),
-            ActorCmd::Shutdown {
-                stop_children,
-                done,
-            } => self.op_shutdown(stop_children, done),
+            ActorCmd::Shutdown { stop_children, done } => self.op_shutdown(stop_children, done),
         }
     }
 
     /// Queues `then` behind a stop in progress, unless removal or shutdown is already queued.
     fn queue_after_stop(&mut self, then: AfterStop) {
         if let Some(st) = &mut self.stopping {
-            if matches!(
-                st.then,
-                AfterStop::Idle | AfterStop::Start | AfterStop::Fail(_)
-            ) {
+            if matches!(st.then, AfterStop::Idle | AfterStop::Start | AfterStop::Fail(_)) {
                 st.then = then;
             }
         }
@@ -515,10 +490,7 @@ impl Actor {
                 self.queue_after_stop(AfterStop::Start);
                 self.publish(None, None, None);
             }
-            ProcessState::Backoff
-            | ProcessState::Stopped
-            | ProcessState::Exited
-            | ProcessState::Fatal => {
+            ProcessState::Backoff | ProcessState::Stopped | ProcessState::Exited | ProcessState::Fatal => {
                 // An operator start is a fresh start: it clears FATAL and the crash-loop history.
                 self.starts.clear();
                 self.next_delay = self.def.backoff.initial;
@@ -540,9 +512,7 @@ impl Actor {
                 self.backoff_at = None;
                 self.set_state(ProcessState::Stopped, None, None);
             }
-            ProcessState::Stopped | ProcessState::Exited | ProcessState::Fatal => {
-                self.publish(None, None, None)
-            }
+            ProcessState::Stopped | ProcessState::Exited | ProcessState::Fatal => self.publish(None, None, None),
         }
     }
 
@@ -566,10 +536,7 @@ impl Actor {
     fn op_replace(&mut self, def: Arc<ProcessDefinition>, restart: bool) {
         let changed = *def != *self.def;
         self.def = def;
-        if changed
-            && restart
-            && matches!(self.state, ProcessState::Starting | ProcessState::Running)
-        {
+        if changed && restart && matches!(self.state, ProcessState::Starting | ProcessState::Running) {
             self.begin_stop(AfterStop::Start);
         } else {
             self.publish(None, None, None);
@@ -608,9 +575,7 @@ impl Actor {
             }
         }
         match self.state {
-            ProcessState::Starting | ProcessState::Running => {
-                self.begin_stop(AfterStop::Shutdown(done))
-            }
+            ProcessState::Starting | ProcessState::Running => self.begin_stop(AfterStop::Shutdown(done)),
             ProcessState::Stopping => {
                 if let Some(st) = &mut self.stopping {
                     st.then = AfterStop::Shutdown(done);
@@ -755,9 +720,7 @@ impl Actor {
             .max(Duration::from_millis(1));
         let attempt = probe.probe(&self.def);
         self.probe = Some(Box::pin(async move {
-            tokio::time::timeout(remaining, attempt)
-                .await
-                .unwrap_or(false)
+            tokio::time::timeout(remaining, attempt).await.unwrap_or(false)
         }));
     }
 
@@ -785,11 +748,7 @@ impl Actor {
                 self.publish(None, None, None);
             }
             _ => {
-                let timeout = self
-                    .def
-                    .readiness
-                    .as_ref()
-                    .map_or(0.0, |r| r.timeout.as_secs_f64());
+                let timeout = self.def.readiness.as_ref().map_or(0.0, |r| r.timeout.as_secs_f64());
                 let msg = format!("not ready within {timeout:.1} s; stopped");
                 self.last_error = Some(msg.clone());
                 self.begin_stop(AfterStop::Fail(msg));
@@ -826,9 +785,7 @@ impl Actor {
             return;
         }
         match self.state {
-            ProcessState::Starting if run.launcher && report.code == Some(0) => {
-                self.adopt_descendants(report)
-            }
+            ProcessState::Starting if run.launcher && report.code == Some(0) => self.adopt_descendants(report),
             ProcessState::Starting | ProcessState::Running => self.on_unexpected_exit(report, None),
             _ => {}
         }
@@ -869,12 +826,7 @@ impl Actor {
     }
 
     /// Decides what follows an exit that nobody asked for (or a failed start): EXITED, BACKOFF or FATAL.
-    fn after_failure(
-        &mut self,
-        exit: Option<ExitReport>,
-        uptime: Duration,
-        reason: Option<String>,
-    ) {
+    fn after_failure(&mut self, exit: Option<ExitReport>, uptime: Duration, reason: Option<String>) {
         let success = reason.is_none() && exit.is_some_and(|e| e.code == Some(0));
         let desc = reason.unwrap_or_else(|| describe_exit(exit));
         self.exits.push_back(desc.clone());
@@ -899,11 +851,7 @@ impl Actor {
         }
         let now = Instant::now();
         let window = self.def.crash_loop.window;
-        while self
-            .starts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
+        while self.starts.front().is_some_and(|t| now.duration_since(*t) > window) {
             self.starts.pop_front();
         }
         let max = self.def.crash_loop.max_starts as usize;
@@ -990,12 +938,7 @@ impl Actor {
     fn orphans_since(&self, me: i32, since: u64) -> Vec<sys::ProcStat> {
         let unowned: Vec<(sys::ProcStat, Option<bool>)> = sys::all_processes()
             .into_iter()
-            .filter(|p| {
-                p.ppid == me
-                    && p.state != 'Z'
-                    && p.start_ticks >= since
-                    && !self.ctx.reaper.is_routed(p.pid)
-            })
+            .filter(|p| p.ppid == me && p.state != 'Z' && p.start_ticks >= since && !self.ctx.reaper.is_routed(p.pid))
             .map(|p| (p, sys::environ_has(p.pid, ID_ENV, &self.id)))
             .collect();
         let marked: Vec<sys::ProcStat> = unowned
@@ -1004,11 +947,7 @@ impl Actor {
             .map(|(p, _)| *p)
             .collect();
         let mut out = if marked.is_empty() {
-            unowned
-                .iter()
-                .filter(|(_, m)| m.is_none())
-                .map(|(p, _)| *p)
-                .collect()
+            unowned.iter().filter(|(_, m)| m.is_none()).map(|(p, _)| *p).collect()
         } else {
             marked
         };
@@ -1026,8 +965,7 @@ impl Actor {
         };
         let id = &run.identity;
         let leader_reused = run.exit.is_none()
-            && sys::stat(id.pid)
-                .is_some_and(|s| s.start_ticks != id.start_ticks && id.start_ticks != 0);
+            && sys::stat(id.pid).is_some_and(|s| s.start_ticks != id.start_ticks && id.start_ticks != 0);
         for g in &id.groups {
             if leader_reused && *g == id.pid {
                 tracing::warn!(id = %self.id, pid = id.pid, "pid reused by another process; not signalling it");
@@ -1074,11 +1012,7 @@ impl Actor {
         let poll = self.ctx.config.group_poll_interval;
         let grace = self.ctx.config.kill_grace;
         let (due_kill, leader_gone, launcher) = match (&self.stopping, &self.run) {
-            (Some(st), Some(run)) => (
-                !st.killed && now >= st.kill_at,
-                run.exit.is_some(),
-                run.launcher,
-            ),
+            (Some(st), Some(run)) => (!st.killed && now >= st.kill_at, run.exit.is_some(), run.launcher),
             (Some(_), None) => {
                 self.finish_stop();
                 return;
@@ -1097,16 +1031,8 @@ impl Actor {
             // A launcher stopped before handing over: its detached server is our orphan now; take it down too.
             self.collect_launcher_orphans();
         }
-        let groups = self
-            .run
-            .as_ref()
-            .map(|r| r.identity.groups.clone())
-            .unwrap_or_default();
-        let alive: Vec<i32> = groups
-            .iter()
-            .copied()
-            .filter(|g| sys::group_alive(*g))
-            .collect();
+        let groups = self.run.as_ref().map(|r| r.identity.groups.clone()).unwrap_or_default();
+        let alive: Vec<i32> = groups.iter().copied().filter(|g| sys::group_alive(*g)).collect();
         if leader_gone && alive.is_empty() {
             self.finish_stop();
             return;
@@ -1118,18 +1044,10 @@ impl Actor {
             if late {
                 st.reported = true;
                 let pids: Vec<i32> = alive.iter().flat_map(|g| sys::group_members(*g)).collect();
-                message = Some(format!(
-                    "still stopping: processes {pids:?} survive SIGKILL"
-                ));
+                message = Some(format!("still stopping: processes {pids:?} survive SIGKILL"));
             }
             if leader_gone {
-                st.next_poll = Some(
-                    now + if st.reported {
-                        Duration::from_secs(1)
-                    } else {
-                        poll
-                    },
-                );
+                st.next_poll = Some(now + if st.reported { Duration::from_secs(1) } else { poll });
             }
         }
         if let Some(m) = message {
@@ -1157,11 +1075,7 @@ impl Actor {
                 if !run.identity.groups.contains(&p.pgrp) {
                     run.identity.groups.push(p.pgrp);
                 }
-                let sig = if killed {
-                    Signal::SIGKILL
-                } else {
-                    self.def.stop_signal
-                };
+                let sig = if killed { Signal::SIGKILL } else { self.def.stop_signal };
                 let _ = sys::signal_group(p.pgrp, sig);
             }
         }

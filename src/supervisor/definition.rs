@@ -366,10 +366,7 @@ impl ProcessTable {
     /// # Errors
     /// [`DefinitionError::NoDefinition`] when neither entry exists; [`DefinitionError::Invalid`] when the
     /// merged entry is incomplete.
-    pub fn resolve_device(
-        &self,
-        device: &DeviceSpec,
-    ) -> Result<ProcessDefinition, DefinitionError> {
+    pub fn resolve_device(&self, device: &DeviceSpec) -> Result<ProcessDefinition, DefinitionError> {
         let class = class_path(&device.device_class);
         let by_class = self.device_classes.get(class);
         let by_id = self.devices.get(&device.device_id);
@@ -414,10 +411,7 @@ impl ProcessTable {
         let mut argv = validate_cgse_cmd(cgse_cmd, &self.allowed_programs)?;
         argv.push("start".to_owned());
         if let Some(arg0) = device_args.first() {
-            if let Some(c) = arg0
-                .chars()
-                .find(|c| is_metacharacter(*c) || c.is_whitespace())
-            {
+            if let Some(c) = arg0.chars().find(|c| is_metacharacter(*c) || c.is_whitespace()) {
                 return Err(CommandError::Metacharacter {
                     command: arg0.clone(),
                     character: c,
@@ -474,11 +468,7 @@ impl ProcessTable {
                     .iter()
                     .map(|(k, r)| (format!("device_classes.{k}"), r, true)),
             )
-            .chain(
-                self.devices
-                    .iter()
-                    .map(|(k, r)| (format!("devices.{k}"), r, true)),
-            );
+            .chain(self.devices.iter().map(|(k, r)| (format!("devices.{k}"), r, true)));
         for (key, raw, is_device) in entries {
             let ctx = Templates {
                 python: &self.python,
@@ -534,10 +524,7 @@ fn is_metacharacter(c: char) -> bool {
 /// # Errors
 /// [`CommandError`], naming the allow-list when the program is refused.
 pub fn validate_cgse_cmd(cmd: &str, allowed: &[String]) -> Result<Vec<String>, CommandError> {
-    if let Some(character) = cmd
-        .chars()
-        .find(|c| is_metacharacter(*c) && !matches!(c, '\t'))
-    {
+    if let Some(character) = cmd.chars().find(|c| is_metacharacter(*c) && !matches!(c, '\t')) {
         return Err(CommandError::Metacharacter {
             command: cmd.to_owned(),
             character,
@@ -763,19 +750,13 @@ impl RawDefinition {
             key: format!("{key}.{field}"),
             message,
         };
-        let secs =
-            |field: &str, v: Option<f64>, default: Duration| -> Result<Duration, DefinitionError> {
-                match v {
-                    None => Ok(default),
-                    Some(s) if s.is_finite() && (0.0..=1.0e9).contains(&s) => {
-                        Ok(Duration::from_secs_f64(s))
-                    }
-                    Some(s) => Err(bad(
-                        field,
-                        format!("{s} is not a duration in seconds (≥ 0)"),
-                    )),
-                }
-            };
+        let secs = |field: &str, v: Option<f64>, default: Duration| -> Result<Duration, DefinitionError> {
+            match v {
+                None => Ok(default),
+                Some(s) if s.is_finite() && (0.0..=1.0e9).contains(&s) => Ok(Duration::from_secs_f64(s)),
+                Some(s) => Err(bad(field, format!("{s} is not a duration in seconds (≥ 0)"))),
+            }
+        };
         let mut def = ProcessDefinition::new(id, Vec::new());
         let argv = self
             .argv
@@ -784,10 +765,7 @@ impl RawDefinition {
         def.argv = if expand_argv {
             let mut out = Vec::new();
             for (i, item) in argv.iter().enumerate() {
-                out.extend(
-                    ctx.expand_item(item)
-                        .map_err(|m| bad(&format!("argv[{i}]"), m))?,
-                );
+                out.extend(ctx.expand_item(item).map_err(|m| bad(&format!("argv[{i}]"), m))?);
             }
             out
         } else {
@@ -796,23 +774,16 @@ impl RawDefinition {
         if let Some(sim) = &self.sim_args {
             let mut out = Vec::new();
             for (i, item) in sim.iter().enumerate() {
-                out.extend(
-                    ctx.expand_item(item)
-                        .map_err(|m| bad(&format!("sim_args[{i}]"), m))?,
-                );
+                out.extend(ctx.expand_item(item).map_err(|m| bad(&format!("sim_args[{i}]"), m))?);
             }
             def.sim_args = out;
         }
         if let Some(cwd) = &self.cwd {
-            def.cwd = Some(PathBuf::from(
-                ctx.expand_str(cwd).map_err(|m| bad("cwd", m))?,
-            ));
+            def.cwd = Some(PathBuf::from(ctx.expand_str(cwd).map_err(|m| bad("cwd", m))?));
         }
         if let Some(env) = &self.env {
             for (k, v) in env {
-                let value = ctx
-                    .expand_str(&v.0)
-                    .map_err(|m| bad(&format!("env.{k}"), m))?;
+                let value = ctx.expand_str(&v.0).map_err(|m| bad(&format!("env.{k}"), m))?;
                 def.env.insert(k.clone(), value);
             }
         }
@@ -821,11 +792,7 @@ impl RawDefinition {
         if let Some(b) = &self.backoff {
             def.backoff.initial = secs("backoff.initial", b.initial, def.backoff.initial)?;
             def.backoff.max = secs("backoff.max", b.max, def.backoff.max)?;
-            def.backoff.reset_after = secs(
-                "backoff.reset_after",
-                b.reset_after,
-                def.backoff.reset_after,
-            )?;
+            def.backoff.reset_after = secs("backoff.reset_after", b.reset_after, def.backoff.reset_after)?;
             def.backoff.factor = b.factor.unwrap_or(def.backoff.factor);
             def.backoff.jitter = b.jitter.unwrap_or(def.backoff.jitter);
         }
@@ -839,15 +806,12 @@ impl RawDefinition {
         def.stop_timeout = secs("stop_timeout", self.stop_timeout, def.stop_timeout)?;
         if let Some(r) = &self.readiness {
             let ping = match (&r.ping.endpoint, r.ping.registry.unwrap_or(false)) {
-                (Some(ep), false) => PingTarget::Endpoint(
-                    ctx.expand_str(ep)
-                        .map_err(|m| bad("readiness.ping.endpoint", m))?,
-                ),
+                (Some(ep), false) => {
+                    PingTarget::Endpoint(ctx.expand_str(ep).map_err(|m| bad("readiness.ping.endpoint", m))?)
+                }
                 (None, true) => {
                     let st = match &r.ping.service_type {
-                        Some(st) => ctx
-                            .expand_str(st)
-                            .map_err(|m| bad("readiness.ping.service_type", m))?,
+                        Some(st) => ctx.expand_str(st).map_err(|m| bad("readiness.ping.service_type", m))?,
                         None => match (ctx.device, &self.service_type) {
                             (_, Some(st)) => st.clone(),
                             (Some(d), None) => d.device_id.to_uppercase(),
@@ -879,9 +843,7 @@ impl RawDefinition {
         def.autostart = self.autostart.unwrap_or(def.autostart);
         def.service_type = self.service_type.clone();
         def.validate().map_err(|e| match e {
-            DefinitionError::Invalid {
-                key: k, message, ..
-            } => DefinitionError::Invalid {
+            DefinitionError::Invalid { key: k, message, .. } => DefinitionError::Invalid {
                 origin: origin.to_owned(),
                 key: format!("{key}.{}", k.split_once('.').map_or(k.as_str(), |(_, f)| f)),
                 message,
@@ -899,8 +861,7 @@ fn parse_signal(s: &str) -> Result<Signal, String> {
     } else {
         format!("SIG{upper}")
     };
-    name.parse::<Signal>()
-        .map_err(|_| format!("unknown signal {s:?}"))
+    name.parse::<Signal>().map_err(|_| format!("unknown signal {s:?}"))
 }
 
 /// Template values: `{python}` always, the device ones only for device entries.
@@ -917,13 +878,7 @@ impl Templates<'_> {
     fn expand_item(&self, item: &str) -> Result<Vec<String>, String> {
         match item {
             "{device_args}" => Ok(self.device()?.device_args.clone()),
-            "{arg0}" => Ok(self
-                .device()?
-                .device_args
-                .first()
-                .cloned()
-                .into_iter()
-                .collect()),
+            "{arg0}" => Ok(self.device()?.device_args.first().cloned().into_iter().collect()),
             _ => Ok(vec![self.expand_str(item)?]),
         }
     }
@@ -953,11 +908,7 @@ impl Templates<'_> {
                     }
                     out.push_str(&self.value(&name, s)?);
                 }
-                '}' => {
-                    return Err(format!(
-                        "unmatched '}}' in {s:?} (write '}}}}' for a brace)"
-                    ))
-                }
+                '}' => return Err(format!("unmatched '}}' in {s:?} (write '}}}}' for a brace)")),
                 _ => out.push(c),
             }
         }
@@ -969,18 +920,11 @@ impl Templates<'_> {
             "python" => Ok(self.python.to_owned()),
             "device_id" => Ok(self.device()?.device_id.clone()),
             "device_name" => Ok(self.device()?.device_name.clone()),
-            "arg0" => Ok(self
-                .device()?
-                .device_args
-                .first()
-                .cloned()
-                .unwrap_or_default()),
+            "arg0" => Ok(self.device()?.device_args.first().cloned().unwrap_or_default()),
             "device_args" => Err(format!(
                 "{{device_args}} must be a whole argv item, not part of {whole:?}"
             )),
-            other => Err(format!(
-                "unknown template {{{other}}} (known: {TEMPLATE_NAMES})"
-            )),
+            other => Err(format!("unknown template {{{other}}} (known: {TEMPLATE_NAMES})")),
         }
     }
 
@@ -1004,9 +948,7 @@ pub(crate) mod secs {
         if v.is_finite() && (0.0..=1.0e9).contains(&v) {
             Ok(Duration::from_secs_f64(v))
         } else {
-            Err(serde::de::Error::custom(format!(
-                "{v} is not a duration in seconds"
-            )))
+            Err(serde::de::Error::custom(format!("{v} is not a duration in seconds")))
         }
     }
 }
@@ -1071,23 +1013,11 @@ devices:
     fn resolves_class_and_device_layers() {
         let t = ProcessTable::from_yaml(TABLE, "t.yaml").unwrap();
         let d = t
-            .resolve_device(&device(
-                "DUMMY_01",
-                "class//egse.dummy.DummyProxy",
-                &["a", "b"],
-                true,
-            ))
+            .resolve_device(&device("DUMMY_01", "class//egse.dummy.DummyProxy", &["a", "b"], true))
             .unwrap();
         assert_eq!(
             d.argv,
-            [
-                "/opt/venv/bin/python",
-                "-m",
-                "egse.dummy.dummy_cs",
-                "start",
-                "a",
-                "b"
-            ]
+            ["/opt/venv/bin/python", "-m", "egse.dummy.dummy_cs", "start", "a", "b"]
         );
         assert_eq!(d.effective_argv().last().map(String::as_str), Some("--sim"));
         assert_eq!(d.stop_timeout, Duration::from_secs(5));
@@ -1102,19 +1032,13 @@ devices:
             .resolve_device(&device("DUMMY_02", "egse.dummy.DummyProxy", &[], false))
             .unwrap();
         assert_eq!(d2.stop_signal, Signal::SIGINT);
-        assert_eq!(
-            d2.env.get("EXTRA").map(String::as_str),
-            Some("DUMMY_02 name")
-        );
+        assert_eq!(d2.env.get("EXTRA").map(String::as_str), Some("DUMMY_02 name"));
         assert_eq!(d2.env.get("SITE_ID").map(String::as_str), Some("LAB42"));
         assert_eq!(d2.effective_argv().len(), 4);
         let err = t
             .resolve_device(&device("PUNA_01", "class//egse.hexapod.Puna", &[], false))
             .unwrap_err();
-        assert!(
-            err.to_string().contains("no definition for device PUNA_01"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("no definition for device PUNA_01"), "{err}");
     }
 
     #[test]
@@ -1135,25 +1059,18 @@ devices:
         let e = ProcessTable::from_yaml("devices:\n  X:\n    argv: [\"{nope}\"]\n", "f.yaml")
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("devices.X.argv[0]") && e.contains("unknown template"),
-            "{e}"
-        );
+        assert!(e.contains("devices.X.argv[0]") && e.contains("unknown template"), "{e}");
         let e = ProcessTable::from_yaml("devices:\n  X:\n    stop_signal: SIGFOO\n", "f.yaml")
             .unwrap_err()
             .to_string();
         assert!(e.contains("devices.X.stop_signal"), "{e}");
-        let e = ProcessTable::from_yaml(
-            "core_services:\n  A:\n    argv: [\"{device_id}\"]\n",
-            "f.yaml",
-        )
-        .unwrap_err()
-        .to_string();
+        let e = ProcessTable::from_yaml("core_services:\n  A:\n    argv: [\"{device_id}\"]\n", "f.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("core_services.A.argv[0]"), "{e}");
-        let e =
-            ProcessTable::from_yaml("devices:\n  X:\n    argv: [\"a{device_args}\"]\n", "f.yaml")
-                .unwrap_err()
-                .to_string();
+        let e = ProcessTable::from_yaml("devices:\n  X:\n    argv: [\"a{device_args}\"]\n", "f.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("whole argv item"), "{e}");
         let e = ProcessTable::from_yaml("devices:\n  X:\n    backoff: {factor: 0.5}\n", "f.yaml")
             .unwrap_err()
@@ -1169,15 +1086,11 @@ devices:
         )
         .unwrap();
         assert_eq!(
-            t.resolve_device(&device("P", "c.P", &[], false))
-                .unwrap()
-                .argv,
+            t.resolve_device(&device("P", "c.P", &[], false)).unwrap().argv,
             ["cgse", "p", "start", "x"]
         );
         assert_eq!(
-            t.resolve_device(&device("P", "c.P", &["P1", "z"], false))
-                .unwrap()
-                .argv,
+            t.resolve_device(&device("P", "c.P", &["P1", "z"], false)).unwrap().argv,
             ["cgse", "p", "start", "P1", "xP1"]
         );
     }
@@ -1202,14 +1115,9 @@ devices:
             let r = validate_cgse_cmd(bad, &allowed);
             assert!(r.is_err(), "{bad:?} accepted");
         }
-        let e = validate_cgse_cmd("sh -x", &allowed)
-            .unwrap_err()
-            .to_string();
+        let e = validate_cgse_cmd("sh -x", &allowed).unwrap_err().to_string();
         assert!(e.contains("allowed programs: cgse"), "{e}");
-        assert_eq!(
-            validate_cgse_cmd(" cgse  dummy ", &allowed).unwrap(),
-            ["cgse", "dummy"]
-        );
+        assert_eq!(validate_cgse_cmd(" cgse  dummy ", &allowed).unwrap(), ["cgse", "dummy"]);
     }
 
     #[test]
@@ -1219,13 +1127,8 @@ devices:
             .legacy_definition("PUNA_01", "cgse puna", &["PUNA_01".into()], true)
             .unwrap();
         assert!(d.forking);
-        assert_eq!(
-            d.effective_argv(),
-            ["cgse", "puna", "start", "PUNA_01", "--sim"]
-        );
-        assert!(t
-            .legacy_definition("P", "cgse puna", &["a;b".into()], false)
-            .is_err());
+        assert_eq!(d.effective_argv(), ["cgse", "puna", "start", "PUNA_01", "--sim"]);
+        assert!(t.legacy_definition("P", "cgse puna", &["a;b".into()], false).is_err());
         assert!(t.legacy_definition("P", "bash puna", &[], false).is_err());
     }
 

@@ -110,12 +110,7 @@ pub(crate) struct LogSink {
 
 impl LogSink {
     /// Creates (or re-opens) the FIFOs and starts the reader and writer tasks. Must run inside a runtime.
-    pub(crate) fn open(
-        stem: &str,
-        fifo_dir: &Path,
-        log_dir: &Path,
-        cfg: &LogConfig,
-    ) -> Result<Self, SupervisorError> {
+    pub(crate) fn open(stem: &str, fifo_dir: &Path, log_dir: &Path, cfg: &LogConfig) -> Result<Self, SupervisorError> {
         let sink = LogSink {
             stdout_fifo: fifo_dir.join(format!("{stem}.stdout")),
             stderr_fifo: fifo_dir.join(format!("{stem}.stderr")),
@@ -152,12 +147,7 @@ impl LogSink {
                 cfg.max_line_bytes.max(1),
                 sink.cancel.clone(),
             ));
-            tokio::spawn(write_stream(
-                queue,
-                log.clone(),
-                cfg.clone(),
-                sink.dropped.clone(),
-            ));
+            tokio::spawn(write_stream(queue, log.clone(), cfg.clone(), sink.dropped.clone()));
         }
         Ok(sink)
     }
@@ -169,10 +159,7 @@ impl LogSink {
     }
 
     pub(crate) fn tail(&self, n: usize) -> Vec<String> {
-        self.ring
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .tail(n)
+        self.ring.lock().unwrap_or_else(PoisonError::into_inner).tail(n)
     }
 
     /// Bytes of output that could not be written to the log files.
@@ -203,12 +190,7 @@ fn ensure_fifo(path: &Path) -> Result<(), SupervisorError> {
         Ok(_) => std::fs::remove_file(path)
             .map_err(|e| SupervisorError::io(format!("removing non-FIFO {}", path.display()), e))?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(SupervisorError::io(
-                format!("inspecting {}", path.display()),
-                e,
-            ))
-        }
+        Err(e) => return Err(SupervisorError::io(format!("inspecting {}", path.display()), e)),
     }
     nix::unistd::mkfifo(path, Mode::S_IRUSR | Mode::S_IWUSR)
         .map_err(|e| SupervisorError::io(format!("mkfifo {}", path.display()), io::Error::from(e)))
@@ -240,9 +222,7 @@ async fn read_stream(
         let chunk = &buf[..n];
         if let Err(e) = tx.try_send(chunk.to_vec()) {
             let lost = match e {
-                mpsc::error::TrySendError::Full(v) | mpsc::error::TrySendError::Closed(v) => {
-                    v.len()
-                }
+                mpsc::error::TrySendError::Full(v) | mpsc::error::TrySendError::Closed(v) => v.len(),
             };
             dropped.fetch_add(lost as u64, Ordering::Relaxed);
         }
@@ -276,12 +256,7 @@ fn take_line(partial: &mut Vec<u8>) -> String {
 }
 
 /// Appends queued chunks to `path`, rotating by size. Errors drop the chunk (counted) and re-open next time.
-async fn write_stream(
-    mut queue: mpsc::Receiver<Vec<u8>>,
-    path: PathBuf,
-    cfg: LogConfig,
-    dropped: Arc<AtomicU64>,
-) {
+async fn write_stream(mut queue: mpsc::Receiver<Vec<u8>>, path: PathBuf, cfg: LogConfig, dropped: Arc<AtomicU64>) {
     let mut file: Option<(tokio::fs::File, u64)> = None;
     let mut errors: u64 = 0;
     while let Some(first) = queue.recv().await {

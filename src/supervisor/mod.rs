@@ -53,14 +53,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use definition::{
-    class_path, validate_cgse_cmd, Backoff, CrashLoop, DeviceSpec, PingTarget, ProcessDefinition,
-    ProcessTable, Readiness, RestartPolicy, DEFAULT_PYTHON, ID_ENV,
+    class_path, validate_cgse_cmd, Backoff, CrashLoop, DeviceSpec, PingTarget, ProcessDefinition, ProcessTable,
+    Readiness, RestartPolicy, DEFAULT_PYTHON, ID_ENV,
 };
 pub use error::{CommandError, DefinitionError, SupervisorError};
 pub use logs::LogConfig;
-pub use record::{
-    Change, DefinitionSummary, Desired, EventKind, Plan, ProcessEvent, ProcessRecord, ProcessState,
-};
+pub use record::{Change, DefinitionSummary, Desired, EventKind, Plan, ProcessEvent, ProcessRecord, ProcessState};
 pub use state::STATE_FILE;
 
 use actor::{ActorCmd, Initial};
@@ -71,10 +69,7 @@ use state::{Identity, Persister, Recognized, SavedProcess, StateFile};
 /// Checks whether a process is ready; the daemon plugs in a ZeroMQ `Ping` of the control server.
 pub trait ReadinessProbe: Send + Sync {
     /// One attempt: true when the process answered. The supervisor applies the definition's timeout.
-    fn probe(
-        &self,
-        def: &ProcessDefinition,
-    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>>;
+    fn probe(&self, def: &ProcessDefinition) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>>;
 }
 
 /// Where the supervisor keeps its files, and how it captures output.
@@ -214,11 +209,7 @@ impl Ctx {
     }
 
     /// Creates the log capture, the table row and the state machine of one process.
-    fn add_process(
-        self: &Arc<Self>,
-        def: ProcessDefinition,
-        initial: Initial,
-    ) -> Result<(), SupervisorError> {
+    fn add_process(self: &Arc<Self>, def: ProcessDefinition, initial: Initial) -> Result<(), SupervisorError> {
         let stem = logs::file_stem(&def.id);
         let sink = Arc::new(LogSink::open(
             &stem,
@@ -265,8 +256,7 @@ impl Supervisor {
         let reaper = reaper::global()?;
         let fifo_dir = config.state_dir.join("fifo");
         for dir in [&config.state_dir, &fifo_dir, &config.log_dir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| SupervisorError::io(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir).map_err(|e| SupervisorError::io(format!("creating {}", dir.display()), e))?;
         }
         let state_path = config.state_dir.join(STATE_FILE);
         let saved = match state::load(&state_path) {
@@ -288,10 +278,7 @@ impl Supervisor {
             plan.push((def.clone(), initial));
         }
         // Processes defined only in the state file (e.g. Setup devices) are kept while they are alive.
-        for s in saved
-            .iter()
-            .filter(|s| !wanted.contains(s.definition.id.as_str()))
-        {
+        for s in saved.iter().filter(|s| !wanted.contains(s.definition.id.as_str())) {
             match recover(s) {
                 initial @ Initial::Adopt { .. } => plan.push((s.definition.clone(), initial)),
                 _ => {
@@ -398,11 +385,7 @@ pub struct SupervisorHandle {
 }
 
 impl SupervisorHandle {
-    async fn command(
-        &self,
-        id: &str,
-        make: impl FnOnce(actor::Reply) -> ActorCmd,
-    ) -> Result<(), SupervisorError> {
+    async fn command(&self, id: &str, make: impl FnOnce(actor::Reply) -> ActorCmd) -> Result<(), SupervisorError> {
         if self.ctx.closing.load(Ordering::SeqCst) {
             return Err(SupervisorError::Closed);
         }
@@ -492,11 +475,7 @@ impl SupervisorHandle {
     ///
     /// # Errors
     /// Invalid or duplicate definitions; an id still being removed by an earlier call.
-    pub async fn apply(
-        &self,
-        definitions: Vec<ProcessDefinition>,
-        dry_run: bool,
-    ) -> Result<Plan, SupervisorError> {
+    pub async fn apply(&self, definitions: Vec<ProcessDefinition>, dry_run: bool) -> Result<Plan, SupervisorError> {
         check_unique(&definitions)?;
         let _serial = self.ctx.apply_lock.lock().await;
         if self.ctx.closing.load(Ordering::SeqCst) {
@@ -508,11 +487,7 @@ impl SupervisorHandle {
         let mut to_remove = Vec::new();
         {
             let table = self.ctx.table();
-            let current: BTreeMap<&str, &Slot> = table
-                .slots
-                .iter()
-                .map(|s| (s.record.id.as_str(), s))
-                .collect();
+            let current: BTreeMap<&str, &Slot> = table.slots.iter().map(|s| (s.record.id.as_str(), s)).collect();
             for def in definitions {
                 match current.get(def.id.as_str()) {
                     Some(slot) if slot.removing => return Err(SupervisorError::Duplicate(def.id)),
@@ -644,12 +619,7 @@ impl SupervisorHandle {
                 .filter_map(|s| {
                     longest = longest.max(s.def.stop_timeout);
                     let (done, rx) = oneshot::channel();
-                    s.tx.send(ActorCmd::Shutdown {
-                        stop_children,
-                        done,
-                    })
-                    .ok()
-                    .map(|_| rx)
+                    s.tx.send(ActorCmd::Shutdown { stop_children, done }).ok().map(|_| rx)
                 })
                 .collect();
             (waits, longest)

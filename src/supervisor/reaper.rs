@@ -52,16 +52,13 @@ static REAPER: OnceLock<Result<Reaper, String>> = OnceLock::new();
 /// The reaper, installed on first call.
 pub(crate) fn global() -> Result<&'static Reaper, SupervisorError> {
     let installed = REAPER.get_or_init(|| {
-        nix::sys::prctl::set_child_subreaper(true)
-            .map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
+        nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
         Ok(Reaper {
             routes: Mutex::new(HashMap::new()),
             orphans: AtomicU64::new(0),
         })
     });
-    let reaper = installed
-        .as_ref()
-        .map_err(|e| SupervisorError::Reaper(e.clone()))?;
+    let reaper = installed.as_ref().map_err(|e| SupervisorError::Reaper(e.clone()))?;
     start_thread(reaper)?;
     Ok(reaper)
 }
@@ -75,10 +72,7 @@ fn start_thread(reaper: &'static Reaper) -> Result<(), SupervisorError> {
             std::thread::Builder::new()
                 .name("procman-reaper".into())
                 .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_io()
-                        .build()
-                    {
+                    let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
                         Ok(rt) => rt,
                         Err(e) => {
                             let _ = ready_tx.send(Err(format!("reaper runtime: {e}")));
@@ -106,9 +100,7 @@ fn start_thread(reaper: &'static Reaper) -> Result<(), SupervisorError> {
                     });
                 })
                 .map_err(|e| format!("reaper thread: {e}"))?;
-            ready_rx
-                .recv()
-                .map_err(|_| "reaper thread died".to_owned())?
+            ready_rx.recv().map_err(|_| "reaper thread died".to_owned())?
         })
         .clone()
         .map_err(SupervisorError::Reaper)

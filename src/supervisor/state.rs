@@ -111,19 +111,11 @@ pub(crate) fn load(path: &Path) -> Result<Option<StateFile>, String> {
     };
     match serde_json::from_slice::<StateFile>(&bytes) {
         Ok(s) if s.version == STATE_VERSION => Ok(Some(s)),
-        Ok(s) => Err(format!(
-            "{}: unsupported version {}",
-            path.display(),
-            s.version
-        )),
+        Ok(s) => Err(format!("{}: unsupported version {}", path.display(), s.version)),
         Err(e) => {
             let aside = path.with_extension("json.corrupt");
             let _ = fs::rename(path, &aside);
-            Err(format!(
-                "{}: {e} (moved to {})",
-                path.display(),
-                aside.display()
-            ))
+            Err(format!("{}: {e} (moved to {})", path.display(), aside.display()))
         }
     }
 }
@@ -176,11 +168,8 @@ impl Persister {
     }
 
     /// The writer loop: `snapshot` is called without any lock held by us and returns the serialized state.
-    pub(crate) async fn run<F>(
-        self: Arc<Self>,
-        snapshot: F,
-        stop: tokio_util::sync::CancellationToken,
-    ) where
+    pub(crate) async fn run<F>(self: Arc<Self>, snapshot: F, stop: tokio_util::sync::CancellationToken)
+    where
         F: Fn() -> Vec<u8> + Send + 'static,
     {
         let mut last_error: Option<String> = None;

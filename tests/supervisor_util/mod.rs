@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use procman::supervisor::{
-    sys, ProcessDefinition, ProcessEvent, ProcessRecord, ProcessState, ReadinessProbe, Supervisor,
-    SupervisorConfig, SupervisorHandle, ID_ENV,
+    sys, ProcessDefinition, ProcessEvent, ProcessRecord, ProcessState, ReadinessProbe, Supervisor, SupervisorConfig,
+    SupervisorHandle, ID_ENV,
 };
 use tokio::sync::mpsc;
 
@@ -67,10 +67,7 @@ impl KillGuard {
             if p.state == 'Z' {
                 continue;
             }
-            if ids
-                .iter()
-                .any(|id| sys::environ_has(p.pid, ID_ENV, id) == Some(true))
-            {
+            if ids.iter().any(|id| sys::environ_has(p.pid, ID_ENV, id) == Some(true)) {
                 let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
             }
         }
@@ -144,12 +141,7 @@ impl Harness {
     }
 
     /// Polls the status table until `id` is in `state`.
-    pub async fn wait_state(
-        &self,
-        id: &str,
-        state: ProcessState,
-        timeout: Duration,
-    ) -> ProcessRecord {
+    pub async fn wait_state(&self, id: &str, state: ProcessState, timeout: Duration) -> ProcessRecord {
         let t0 = Instant::now();
         loop {
             let r = self.sup.get(id).expect("known id");
@@ -165,11 +157,7 @@ impl Harness {
     }
 
     /// Waits for an event matching `pred` and returns it.
-    pub async fn wait_event(
-        &self,
-        timeout: Duration,
-        pred: impl Fn(&ProcessEvent) -> bool,
-    ) -> ProcessEvent {
+    pub async fn wait_event(&self, timeout: Duration, pred: impl Fn(&ProcessEvent) -> bool) -> ProcessEvent {
         let t0 = Instant::now();
         loop {
             if let Some(e) = self.events.lock().unwrap().iter().find(|e| pred(e)) {
