@@ -326,7 +326,7 @@ impl Controller {
     async fn core_service_status(&self, cmd: ProcessCommand) -> Result<Value, CommandError> {
         let name = cmd.device_id.clone();
         // Asking about ourselves: we are answering, so we are active (the original deadlocked here).
-        let active = if self.self_names.iter().any(|n| *n == name) {
+        let active = if self.self_names.contains(&name) {
             true
         } else {
             let service_type = self
