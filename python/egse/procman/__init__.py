@@ -282,6 +282,8 @@ class ProcessManagerCommand:
     _name: str
     _cmd: str
     _description: str | None
+    _response: Any
+    _device_method: Any
 
     def get_name(self) -> str:
         return self._name
