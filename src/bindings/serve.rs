@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
 use pyo3::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -36,18 +36,24 @@ pub fn serve(py: Python<'_>, settings_path: Option<PathBuf>) -> PyResult<i32> {
         };
         crate::cli::start_until(settings_path.as_deref(), stopped).await
     });
+    let mut raised: Option<PyErr> = None;
     let result = loop {
         match py.detach(|| rt.block_on(async { tokio::time::timeout(SLICE, &mut daemon).await })) {
             Ok(joined) => break joined,
             Err(_) => {
-                if py.check_signals().is_err() {
-                    // Ctrl-C (or any raising handler): shut down in order, then return normally.
+                if let Err(e) = py.check_signals() {
+                    // A signal handler raised (Ctrl-C: KeyboardInterrupt): shut down in order first.
                     stop.cancel();
+                    raised.get_or_insert(e);
                 }
             }
         }
     };
     py.detach(|| rt.shutdown_timeout(Duration::from_millis(500)));
+    if let Some(e) = raised.filter(|e| !e.is_instance_of::<PyKeyboardInterrupt>(py)) {
+        // Anything but Ctrl-C (say, SystemExit from an application's handler) goes on up.
+        return Err(e);
+    }
     match result {
         Ok(Ok(code)) => Ok(i32::from(code)),
         Ok(Err(e)) => Err(cli_error(e)),

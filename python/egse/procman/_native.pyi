@@ -102,6 +102,9 @@ class Proxy:
     Constructing it sends ``Ping`` and, when the server answers, ``send_commands``: each announced command
     becomes a method (a :class:`DynamicCommand`). Requests time out after ``timeout`` seconds and then return
     ``Failure("Control Server seems to be off-line, abandoning (<request>)")``.
+
+    Like the REQ socket under it, a proxy serves one request at a time: a call from a second thread while
+    one is waiting raises ``RuntimeError`` (use one proxy per thread).
     """
 
     def __init__(self, endpoint: str, timeout: float = 30.0) -> None: ...
