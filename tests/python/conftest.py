@@ -57,6 +57,7 @@ def write_settings(path: Path, commanding: int, monitoring: int, service: int, s
         f"    MONITORING_PORT: {monitoring}\n"
         f"    SERVICE_PORT: {service}\n"
         "Procman:\n"
+        "    BIND_ADDRESS: 127.0.0.1\n"  # loopback only, also outside a private network namespace
         f"    STATE_DIR: {state_dir}\n"
     )
     return path
