@@ -23,19 +23,28 @@ pub enum CliError {
 
 /// Resolves when SIGINT, SIGTERM, SIGHUP or SIGQUIT arrives.
 pub async fn termination_signal() {
+    shutdown_signal(true).await
+}
+
+/// Resolves when SIGTERM, SIGHUP or SIGQUIT — and SIGINT if `interrupt` — arrives.
+///
+/// Inside a Python interpreter SIGINT belongs to Python (it becomes `KeyboardInterrupt`), so the
+/// bindings pass `false` and watch for it themselves.
+pub async fn shutdown_signal(interrupt: bool) {
     use tokio::signal::unix::{signal, SignalKind};
-    let kinds = [
-        SignalKind::interrupt(),
-        SignalKind::terminate(),
-        SignalKind::hangup(),
-        SignalKind::quit(),
-    ];
+    let mut kinds = vec![SignalKind::terminate(), SignalKind::hangup(), SignalKind::quit()];
+    if interrupt {
+        kinds.push(SignalKind::interrupt());
+    }
     let mut streams = Vec::new();
     for k in kinds {
         match signal(k) {
             Ok(s) => streams.push(s),
             Err(e) => tracing::warn!(error = %e, "cannot install a signal handler"),
         }
+    }
+    if streams.is_empty() {
+        return std::future::pending().await;
     }
     let waits = streams.iter_mut().map(|s| Box::pin(async move { s.recv().await }));
     let _ = futures_util::future::select_all(waits).await;
@@ -44,10 +53,16 @@ pub async fn termination_signal() {
 
 /// `start`: run the daemon in the foreground. Exit code 0 after an orderly shutdown.
 pub async fn start(settings: Option<&Path>) -> Result<u8, CliError> {
+    start_until(settings, termination_signal()).await
+}
+
+/// Run the daemon in the foreground until `stop` completes (or `quit_server` arrives): what `start`
+/// does, with the caller choosing the stop condition (the Python `serve()` adds Ctrl-C).
+pub async fn start_until(settings: Option<&Path>, stop: impl std::future::Future<Output = ()>) -> Result<u8, CliError> {
     let log = crate::logging::init();
     let config = DaemonConfig::load(settings)?;
     let integrations = crate::assemble::integrations(&config).await?;
-    daemon::run(config, integrations, log, termination_signal()).await?;
+    daemon::run(config, integrations, log, stop).await?;
     Ok(0)
 }
 

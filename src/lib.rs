@@ -18,6 +18,8 @@
 //! - [`logging`]: tracing to stderr, with levels settable at run time.
 
 pub mod assemble;
+#[cfg(feature = "python")]
+mod bindings;
 pub mod cli;
 pub mod client;
 pub mod codec;
@@ -28,7 +30,9 @@ pub mod housekeeping;
 pub mod logging;
 pub mod monitor;
 pub mod probe;
+pub mod objects;
 pub mod protocol;
+pub mod proxy;
 pub mod server;
 pub mod service;
 pub mod setup;

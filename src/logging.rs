@@ -112,7 +112,12 @@ pub fn init() -> Arc<dyn LogControl> {
             let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
             let default = filter.max_level_hint().unwrap_or(LevelFilter::INFO);
             let (layer, handle) = reload::Layer::new(filter);
-            let fmt = fmt::layer().with_writer(std::io::stderr).with_target(true);
+            // Colours only for a terminal: `pm_cs start-bg` sends stderr to a log file.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let fmt = fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(true)
+                .with_ansi(ansi);
             // Another subscriber may already be installed (an embedding application): then our
             // control still records levels but cannot change that subscriber.
             let installed = tracing_subscriber::registry().with(layer).with(fmt).try_init().is_ok();
