@@ -281,13 +281,12 @@ async fn monitoring_publishes_status_at_the_configured_delay() {
         }
     }
     assert_eq!(stamps.len(), 4);
-    for w in stamps.windows(2) {
-        let gap = w[1] - w[0];
-        assert!(
-            gap > Duration::from_millis(150) && gap < Duration::from_millis(600),
-            "{gap:?}"
-        );
-    }
+    // Never faster than the delay; on average clearly the 250 ms asked for, not the 1 s default (the
+    // bound leaves room for a loaded machine; the precise intervals are the benchmark's job).
+    let gaps: Vec<Duration> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.iter().all(|g| *g > Duration::from_millis(150)), "{gaps:?}");
+    let mean = gaps.iter().sum::<Duration>() / gaps.len() as u32;
+    assert!(mean < Duration::from_millis(800), "{gaps:?}");
     d.stop();
     d.wait().await;
 }
