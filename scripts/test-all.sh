@@ -26,16 +26,10 @@ REF_LOG=$(mktemp)
 bash scripts/setup-ref-venv.sh >"$REF_LOG" 2>&1 &
 REF_PID=$!
 
-step "Python test venv"
-if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r tests/python/requirements.txt
-
-step "format and lint"
+step "format and lint (Rust)"
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-.venv/bin/ruff check tests/python scripts
-.venv/bin/ruff format --check tests/python scripts
+cargo clippy --all-targets --features python -- -D warnings
 
 step "Rust tests"
 cargo test --all-targets
@@ -45,6 +39,20 @@ cargo build --release --bin pm_cs --examples
 
 step "fuzz: 1,000,000 mutated inputs through the pickle decoder"
 target/release/examples/fuzz_decode --iterations 1000000 --seed "${FUZZ_SEED:-1}"
+
+step "Python test venv: our package (builds the extension) and the test tools"
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+
+step "format, lint and type checks (Python)"
+.venv/bin/ruff check python tests/python scripts
+.venv/bin/ruff format --check python tests/python scripts
+.venv/bin/mypy
+.venv/bin/python -m mypy.stubtest egse.procman._native
+
+step "fresh install: new venv, pip install ., start-bg / status / stop"
+bash scripts/check-fresh-install.sh
 
 step "waiting for the reference venv"
 if ! wait "$REF_PID"; then cat "$REF_LOG"; echo "reference venv setup failed" >&2; exit 1; fi

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from typing import Self  # Python >= 3.11; only for the annotation
+    from typing_extensions import Self  # only for the annotation (typing.Self needs 3.11)
 
 from refenv import CgseEnv, ping_control_server
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 if TYPE_CHECKING:
-    from typing import Self  # Python >= 3.11; only for the annotation
+    from typing_extensions import Self  # only for the annotation (typing.Self needs 3.11)
 
 try:
     from refenv_tagged import MARKER, canonical, from_tagged, to_tagged
@@ -319,7 +319,7 @@ def json_request(
     port: int, payload: Mapping[str, Any], timeout: float = 1.0, host: str = LOOPBACK
 ) -> dict[str, Any] | None:
     """Send ``[b"REQ", json]`` on a fresh DEALER (registry / notify hub framing); the JSON reply, or None on timeout."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -343,7 +343,7 @@ def control_server_request(port: int, request: Any, timeout: float = 1.0, host: 
 
     Only for built-in requests whose reply needs no ``egse`` to unpickle (``"Ping"``, ``"get_service_port"`` …).
     """
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -359,7 +359,7 @@ def control_server_request(port: int, request: Any, timeout: float = 1.0, host: 
 def ping_control_server(port: int, timeout: float = 0.5, host: str = LOOPBACK) -> bool:
     """True when the control server on ``port`` answers a pickled ``"Ping"`` with ``"Pong"``."""
     try:
-        return control_server_request(port, "Ping", timeout, host) == "Pong"
+        return bool(control_server_request(port, "Ping", timeout, host) == "Pong")
     except (TimeoutError, zmq.ZMQError, pickle.UnpicklingError, EOFError):
         return False
 
@@ -575,7 +575,7 @@ class RefProcess:
         """The commanding port: from the settings, or discovered in the registry when the setting is 0."""
         if self.spec.cmd_port is None:
             return None
-        port = getattr(self.env.ports, self.spec.cmd_port)
+        port = int(getattr(self.env.ports, self.spec.cmd_port))
         if port:
             return port
         record = self.env.registry_record(self.spec.service_type or "")

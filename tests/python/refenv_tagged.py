@@ -103,7 +103,7 @@ def _tag_object(value: Any, active: frozenset[int]) -> dict[str, Any]:
     rest += [None] * (4 - len(rest))
     state, list_items, dict_items = rest[0], rest[1], rest[2]
     kwargs: dict[str, Any] | None = None
-    if func is copyreg.__newobj__:
+    if func is getattr(copyreg, "__newobj__", None):
         cls, args = args[0], args[1:]
     elif func is getattr(copyreg, "__newobj_ex__", None):
         cls, args, kwargs = args

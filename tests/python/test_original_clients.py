@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "reference" / "fixtu
 
 
 @pytest.fixture
-def site(tmp_path: Path):
+def site(tmp_path: Path) -> Iterator[CgseEnv]:
     if not in_private_netns():
         pytest.skip("needs a private network namespace (scripts/in-netns.sh)")
     with CgseEnv(tmp_path / "site") as env:
@@ -28,7 +29,7 @@ def site(tmp_path: Path):
 
 
 @pytest.fixture
-def ours(site: CgseEnv):
+def ours(site: CgseEnv) -> Iterator[OurDaemon]:
     with OurDaemon(site) as d:
         d.start()
         yield d

@@ -35,6 +35,7 @@ from egse.procman import (
 )
 from fakeserver import FakeServer, answering, failure_pickle, plain
 
+# The seven commands of the original, in its order, then procman's own (docs/PROCESSES.md).
 PM_COMMANDS = [
     "get_core_processes",
     "get_devices",
@@ -43,6 +44,10 @@ PM_COMMANDS = [
     "stop_process",
     "get_core_service_status",
     "get_device_process_status",
+    "list_processes",
+    "restart_process",
+    "get_process_log",
+    "reload",
 ]
 SERVICE_COMMANDS = [
     "set_monitoring_frequency",
