@@ -22,15 +22,18 @@ pub enum CliError {
 }
 
 /// Resolves when SIGINT, SIGTERM, SIGHUP or SIGQUIT arrives.
-pub async fn termination_signal() {
-    shutdown_signal(true).await
+pub fn termination_signal() -> impl std::future::Future<Output = ()> + Send {
+    shutdown_signal(true)
 }
 
 /// Resolves when SIGTERM, SIGHUP or SIGQUIT — and SIGINT if `interrupt` — arrives.
 ///
-/// Inside a Python interpreter SIGINT belongs to Python (it becomes `KeyboardInterrupt`), so the
-/// bindings pass `false` and watch for it themselves.
-pub async fn shutdown_signal(interrupt: bool) {
+/// The handlers are installed when this function is called, not when the future is first polled: a
+/// signal that arrives while the daemon is still starting is kept and stops it as soon as it serves,
+/// instead of killing it with the default action halfway through. Inside a Python interpreter SIGINT
+/// belongs to Python (it becomes `KeyboardInterrupt`), so the bindings pass `false` and watch for it
+/// themselves.
+pub fn shutdown_signal(interrupt: bool) -> impl std::future::Future<Output = ()> + Send {
     use tokio::signal::unix::{signal, SignalKind};
     let mut kinds = vec![SignalKind::terminate(), SignalKind::hangup(), SignalKind::quit()];
     if interrupt {
@@ -43,12 +46,14 @@ pub async fn shutdown_signal(interrupt: bool) {
             Err(e) => tracing::warn!(error = %e, "cannot install a signal handler"),
         }
     }
-    if streams.is_empty() {
-        return std::future::pending().await;
+    async move {
+        if streams.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = streams.iter_mut().map(|s| Box::pin(async move { s.recv().await }));
+        let _ = futures_util::future::select_all(waits).await;
+        info!("termination signal received");
     }
-    let waits = streams.iter_mut().map(|s| Box::pin(async move { s.recv().await }));
-    let _ = futures_util::future::select_all(waits).await;
-    info!("termination signal received");
 }
 
 /// `start`: run the daemon in the foreground. Exit code 0 after an orderly shutdown.

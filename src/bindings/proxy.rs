@@ -25,7 +25,7 @@ use crate::proxy::{self as core, Endpoint, LoadOutcome, ProxyCore, SendError, NO
 pub const SLICE: Duration = Duration::from_millis(50);
 
 /// The commanding-table commands a `ProcessManagerProxy` declares before they are loaded.
-const PM_INTERFACE: [&str; 7] = [
+const PM_INTERFACE: [&str; 11] = [
     "get_core_processes",
     "get_devices",
     "get_device_ids",
@@ -33,6 +33,10 @@ const PM_INTERFACE: [&str; 7] = [
     "stop_process",
     "get_core_service_status",
     "get_device_process_status",
+    "list_processes",
+    "restart_process",
+    "get_process_log",
+    "reload",
 ];
 
 /// The service commands a `ServiceProxy` declares before they are loaded.
@@ -554,6 +558,28 @@ impl ProcessManagerProxy {
     fn get_device_process_status(&self, status_cmd: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let _ = status_cmd;
         Err(not_loaded("ProcessManagerProxy", "get_device_process_status"))
+    }
+
+    /// Every managed process with its state record, and the event sequence number of the snapshot.
+    fn list_processes(&self) -> PyResult<Py<PyAny>> {
+        Err(not_loaded("ProcessManagerProxy", "list_processes"))
+    }
+
+    /// Stop (if needed) and start a managed process with its current definition.
+    fn restart_process(&self, process_id: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let _ = process_id;
+        Err(not_loaded("ProcessManagerProxy", "restart_process"))
+    }
+
+    /// The last `lines` lines of a managed process's output.
+    fn get_process_log(&self, process_id: &Bound<'_, PyAny>, lines: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let _ = (process_id, lines);
+        Err(not_loaded("ProcessManagerProxy", "get_process_log"))
+    }
+
+    /// Re-read the process definitions and the Setup, apply the differences, return the plan.
+    fn reload(&self) -> PyResult<Py<PyAny>> {
+        Err(not_loaded("ProcessManagerProxy", "reload"))
     }
 }
 

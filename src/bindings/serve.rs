@@ -26,12 +26,17 @@ pub fn serve(py: Python<'_>, settings_path: Option<PathBuf>) -> PyResult<i32> {
         .map_err(|e| PyRuntimeError::new_err(format!("cannot start the daemon runtime: {e}")))?;
     let stop = CancellationToken::new();
     let stop_wait = stop.clone();
+    // Install the handlers now, before anything starts (see `cli::shutdown_signal`).
+    let signals = {
+        let _context = rt.enter();
+        crate::cli::shutdown_signal(false)
+    };
     let mut daemon = rt.spawn(async move {
         // SIGINT stays Python's: it arrives here as a cancelled token.
         let stopped = async move {
             tokio::select! {
                 _ = stop_wait.cancelled() => {}
-                _ = crate::cli::shutdown_signal(false) => {}
+                _ = signals => {}
             }
         };
         crate::cli::start_until(settings_path.as_deref(), stopped).await

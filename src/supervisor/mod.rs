@@ -277,14 +277,11 @@ impl Supervisor {
             };
             plan.push((def.clone(), initial));
         }
-        // Processes defined only in the state file (e.g. Setup devices) are kept while they are alive.
+        // Processes defined only in the state file (devices a client started, Setup devices) are kept:
+        // re-adopted when alive, else reported EXITED and restarted per their desired state and policy.
+        // `reload` is how an operator forgets the ones no longer wanted.
         for s in saved.iter().filter(|s| !wanted.contains(s.definition.id.as_str())) {
-            match recover(s) {
-                initial @ Initial::Adopt { .. } => plan.push((s.definition.clone(), initial)),
-                _ => {
-                    tracing::info!(id = %s.definition.id, "dropping a saved process that is no longer defined")
-                }
-            }
+            plan.push((s.definition.clone(), recover(s)));
         }
 
         let seed = (unix_now().to_bits() ^ u64::from(std::process::id()).rotate_left(32)) | 1;

@@ -187,6 +187,14 @@ class ProcessManagerProxy(Proxy):
         """``{"core_service_name", "core_service_is_active"}`` for a ``StatusCommand``."""
     def get_device_process_status(self, status_cmd: Any) -> Any:
         """``{"device_id", "cs_is_active", …}`` for a ``StatusCommand``."""
+    def list_processes(self) -> Any:
+        """``{"seq": n, "processes": [state record, …]}``: every managed process, as of event ``seq``."""
+    def restart_process(self, process_id: Any) -> Any:
+        """Stop (if needed) and start a managed process with its current definition."""
+    def get_process_log(self, process_id: Any, lines: Any) -> Any:
+        """The last ``lines`` lines of a managed process's output (stdout and stderr)."""
+    def reload(self) -> Any:
+        """Re-read the process definitions and the Setup, apply only the differences; the plan."""
 
 class ServiceProxy(Proxy):
     """The client of a control server's service port (``egse.services.ServiceProxy``).
