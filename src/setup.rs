@@ -252,105 +252,14 @@ fn node_value(n: &Node) -> Value {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const EXAMPLE: &str = r#"
-Setup:
-    site_id: LAB42
-    history:
-        "0": Zero Setup, no devices
-    gse:
-        dummy:
-            device: class//egse.dummy.DummyProxy
-            device_name: Dummy Device
-            device_id: DUMMY_01
-            ID: 42
-        hexapod:
-            device: class//egse.hexapod.symetrie.puna.PunaProxy
-            device_name: PUNA Hexapod
-            device_id: PUNA_01
-            device_args: [PUNA_01]
-        aeu:
-            psu1:
-                device: class//egse.aeu.aeu.PSUProxy
-                device_args: [1]
-                device_name: AEU PSU1
-                device_id: AEU_PSU1
-            crio:
-                device: class//egse.aeu.aeu.CRIOProxy
-                device_name: AEU cRIO
-    sut:
-        ID: SUT_A
-"#;
-
-    #[test]
-    fn walk_matches_cgse() {
-        let n = Node::from_yaml(EXAMPLE, "example").unwrap();
-        let devices = n.devices();
-        assert_eq!(
-            devices_reply(&devices),
-            Value::Dict(vec![
-                (
-                    Value::str("Dummy Device"),
-                    Value::Tuple(vec![
-                        Value::str("class//egse.dummy.DummyProxy"),
-                        Value::str("DUMMY_01"),
-                        Value::Tuple(vec![])
-                    ])
-                ),
-                (
-                    Value::str("PUNA Hexapod"),
-                    Value::Tuple(vec![
-                        Value::str("class//egse.hexapod.symetrie.puna.PunaProxy"),
-                        Value::str("PUNA_01"),
-                        Value::List(vec![Value::str("PUNA_01")])
-                    ])
-                ),
-                (
-                    Value::str("AEU PSU1"),
-                    Value::Tuple(vec![
-                        Value::str("class//egse.aeu.aeu.PSUProxy"),
-                        Value::str("AEU_PSU1"),
-                        Value::List(vec![Value::Int(1)])
-                    ])
-                ),
-                (
-                    Value::str("AEU cRIO"),
-                    Value::Tuple(vec![
-                        Value::str("class//egse.aeu.aeu.CRIOProxy"),
-                        Value::None,
-                        Value::Tuple(vec![])
-                    ])
-                ),
-            ])
-        );
-        let Value::Dict(ids) = device_ids_reply(&devices) else {
-            panic!()
-        };
-        let keys: Vec<_> = ids.iter().map(|(k, _)| k.as_str().unwrap()).collect();
-        assert_eq!(keys, ["DUMMY_01", "PUNA_01", "AEU_PSU1"]);
-        assert_eq!(devices[0].class_path(), Some("egse.dummy.DummyProxy"));
-    }
-
-    #[test]
-    fn empty_and_bad_setups() {
-        assert!(Node::from_yaml("", "x").unwrap().devices().is_empty());
-        assert!(Node::from_yaml("Setup:\n  a: [1, 2]\n", "x")
-            .unwrap()
-            .devices()
-            .is_empty());
-        assert!(Node::from_yaml("- a\n- b\n", "x").is_err());
-        assert!(Node::from_yaml("Setup: [", "x").is_err());
-    }
-}
+/// What [`SetupSource::current`] returns.
+pub type SetupFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<std::sync::Arc<Node>>> + Send + 'a>>;
 
 /// Where the current Setup comes from: the Configuration Manager (with a cache), or a local file.
 pub trait SetupSource: Send + Sync {
     /// The current Setup; `None` when no source has one (the device tables are then empty).
-    fn current(&self)
-        -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<std::sync::Arc<Node>>> + Send + '_>>;
+    fn current(&self) -> SetupFuture<'_>;
     /// Where the Setup comes from now, for logs and status.
     fn describe(&self) -> String;
 }
@@ -454,4 +363,98 @@ pub fn find_setup_file(dir: &Path, site_id: &str, id: u32) -> Option<std::path::
     }
     found.sort();
     found.pop()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+Setup:
+    site_id: LAB42
+    history:
+        "0": Zero Setup, no devices
+    gse:
+        dummy:
+            device: class//egse.dummy.DummyProxy
+            device_name: Dummy Device
+            device_id: DUMMY_01
+            ID: 42
+        hexapod:
+            device: class//egse.hexapod.symetrie.puna.PunaProxy
+            device_name: PUNA Hexapod
+            device_id: PUNA_01
+            device_args: [PUNA_01]
+        aeu:
+            psu1:
+                device: class//egse.aeu.aeu.PSUProxy
+                device_args: [1]
+                device_name: AEU PSU1
+                device_id: AEU_PSU1
+            crio:
+                device: class//egse.aeu.aeu.CRIOProxy
+                device_name: AEU cRIO
+    sut:
+        ID: SUT_A
+"#;
+
+    #[test]
+    fn walk_matches_cgse() {
+        let n = Node::from_yaml(EXAMPLE, "example").unwrap();
+        let devices = n.devices();
+        assert_eq!(
+            devices_reply(&devices),
+            Value::Dict(vec![
+                (
+                    Value::str("Dummy Device"),
+                    Value::Tuple(vec![
+                        Value::str("class//egse.dummy.DummyProxy"),
+                        Value::str("DUMMY_01"),
+                        Value::Tuple(vec![])
+                    ])
+                ),
+                (
+                    Value::str("PUNA Hexapod"),
+                    Value::Tuple(vec![
+                        Value::str("class//egse.hexapod.symetrie.puna.PunaProxy"),
+                        Value::str("PUNA_01"),
+                        Value::List(vec![Value::str("PUNA_01")])
+                    ])
+                ),
+                (
+                    Value::str("AEU PSU1"),
+                    Value::Tuple(vec![
+                        Value::str("class//egse.aeu.aeu.PSUProxy"),
+                        Value::str("AEU_PSU1"),
+                        Value::List(vec![Value::Int(1)])
+                    ])
+                ),
+                (
+                    Value::str("AEU cRIO"),
+                    Value::Tuple(vec![
+                        Value::str("class//egse.aeu.aeu.CRIOProxy"),
+                        Value::None,
+                        Value::Tuple(vec![])
+                    ])
+                ),
+            ])
+        );
+        let Value::Dict(ids) = device_ids_reply(&devices) else {
+            panic!()
+        };
+        let keys: Vec<_> = ids.iter().map(|(k, _)| k.as_str().unwrap()).collect();
+        assert_eq!(keys, ["DUMMY_01", "PUNA_01", "AEU_PSU1"]);
+        assert_eq!(devices[0].class_path(), Some("egse.dummy.DummyProxy"));
+    }
+
+    #[test]
+    fn empty_and_bad_setups() {
+        assert!(Node::from_yaml("", "x").unwrap().devices().is_empty());
+        assert!(Node::from_yaml("Setup:\n  a: [1, 2]\n", "x")
+            .unwrap()
+            .devices()
+            .is_empty());
+        assert!(Node::from_yaml("- a\n- b\n", "x").is_err());
+        assert!(Node::from_yaml("Setup: [", "x").is_err());
+    }
 }

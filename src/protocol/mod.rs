@@ -248,6 +248,64 @@ pub fn bind_arguments(
     Ok(bound)
 }
 
+/// Python's `repr()` of a value on one line, for messages that quote a client's argument.
+pub fn py_repr(v: &Value) -> String {
+    let join = |items: &[Value]| items.iter().map(py_repr).collect::<Vec<_>>().join(", ");
+    match v {
+        Value::None => "None".into(),
+        Value::Bool(b) => if *b { "True" } else { "False" }.into(),
+        Value::Int(i) => i.to_string(),
+        Value::BigInt(_) => "<int>".into(),
+        Value::Float(f) => crate::util::py_float_repr(*f),
+        Value::Str(s) => py_str_repr(s),
+        Value::Bytes(b) | Value::ByteArray(b) => format!("b{}", py_str_repr(&String::from_utf8_lossy(b))),
+        Value::List(items) => format!("[{}]", join(items)),
+        Value::Tuple(items) if items.len() == 1 => format!("({},)", join(items)),
+        Value::Tuple(items) => format!("({})", join(items)),
+        Value::Set(items) | Value::FrozenSet(items) if items.is_empty() => "set()".into(),
+        Value::Set(items) | Value::FrozenSet(items) => format!("{{{}}}", join(items)),
+        Value::Dict(items) => {
+            let inner: Vec<String> = items
+                .iter()
+                .map(|(k, v)| format!("{}: {}", py_repr(k), py_repr(v)))
+                .collect();
+            format!("{{{}}}", inner.join(", "))
+        }
+        Value::Global { module, qualname } => format!("<class '{module}.{qualname}'>"),
+        Value::Object(o) => match o.class_path() {
+            Some((m, q)) => format!("<{m}.{q} object>"),
+            None => "<object>".into(),
+        },
+    }
+}
+
+/// Python's `repr()` of a str.
+pub fn py_str_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,62 +395,4 @@ mod tests {
         let e = bind_arguments("f", &["a"], 1, vec![], vec![(Value::str("b"), Value::Int(2))]).unwrap_err();
         assert!(e.contains("unexpected keyword argument 'b'"));
     }
-}
-
-/// Python's `repr()` of a value on one line, for messages that quote a client's argument.
-pub fn py_repr(v: &Value) -> String {
-    let join = |items: &[Value]| items.iter().map(py_repr).collect::<Vec<_>>().join(", ");
-    match v {
-        Value::None => "None".into(),
-        Value::Bool(b) => if *b { "True" } else { "False" }.into(),
-        Value::Int(i) => i.to_string(),
-        Value::BigInt(_) => "<int>".into(),
-        Value::Float(f) => crate::util::py_float_repr(*f),
-        Value::Str(s) => py_str_repr(s),
-        Value::Bytes(b) | Value::ByteArray(b) => format!("b{}", py_str_repr(&String::from_utf8_lossy(b))),
-        Value::List(items) => format!("[{}]", join(items)),
-        Value::Tuple(items) if items.len() == 1 => format!("({},)", join(items)),
-        Value::Tuple(items) => format!("({})", join(items)),
-        Value::Set(items) | Value::FrozenSet(items) if items.is_empty() => "set()".into(),
-        Value::Set(items) | Value::FrozenSet(items) => format!("{{{}}}", join(items)),
-        Value::Dict(items) => {
-            let inner: Vec<String> = items
-                .iter()
-                .map(|(k, v)| format!("{}: {}", py_repr(k), py_repr(v)))
-                .collect();
-            format!("{{{}}}", inner.join(", "))
-        }
-        Value::Global { module, qualname } => format!("<class '{module}.{qualname}'>"),
-        Value::Object(o) => match o.class_path() {
-            Some((m, q)) => format!("<{m}.{q} object>"),
-            None => "<object>".into(),
-        },
-    }
-}
-
-/// Python's `repr()` of a str.
-pub fn py_str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push(quote);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push(quote);
-    out
 }
