@@ -12,6 +12,10 @@
 //! - [`service`]: the service socket's 12 commands. [`controller`]: the commanding socket's commands.
 //! - [`monitor`] / [`housekeeping`]: the status dict and the housekeeping record, from `/proc`.
 //! - [`storage`]: where housekeeping goes. [`setup`]: the Setup's device walk.
+//! - The CGSE core services, each with an embedded default when it is absent: [`registry`] (Service
+//!   Registry: registration, heartbeats, discovery), [`confman`] (the Setup from the Configuration
+//!   Manager, cached, else the local Setup file), [`storage_manager`] (housekeeping through the Storage
+//!   Manager, else the same daily CSV file written directly).
 //! - [`daemon`]: binds, runs and shuts everything down in order; [`assemble`] wires the integrations.
 //! - [`config`]: the only reader of settings files and CGSE environment variables.
 //! - [`client`]: a control-server client (our CLI, the Python proxy, peers). [`cli`]: the commands.
@@ -28,6 +32,7 @@ pub mod housekeeping;
 pub mod logging;
 pub mod monitor;
 pub mod protocol;
+pub mod registry;
 pub mod server;
 pub mod service;
 pub mod setup;
