@@ -26,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod confman;
 pub mod controller;
 pub mod daemon;
 pub mod housekeeping;
