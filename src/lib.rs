@@ -38,6 +38,7 @@ pub mod server;
 pub mod service;
 pub mod setup;
 pub mod storage;
+pub mod storage_manager;
 pub mod supervisor;
 pub mod transport;
 pub mod util;
