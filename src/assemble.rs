@@ -13,16 +13,27 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use std::collections::HashMap;
+
+use tokio::sync::mpsc;
+
 use crate::config::{ConfigError, IntegrationSettings, NotifyHubSettings, PeerSettings, RegistrySettings};
 use crate::confman::{ConfmanConfig, ConfmanSetup};
-use crate::controller::Controller;
-use crate::daemon::{DaemonConfig, DaemonError, Integrations, Lifecycle};
+use crate::controller::{event_value, Controller, SupervisorCounts};
+use crate::daemon::{DaemonConfig, DaemonError, HookFuture, Integrations, Lifecycle};
 use crate::housekeeping::Housekeeping;
 use crate::monitor::StatusSampler;
-use crate::registry::{Registration, RegistrationConfig};
+use crate::probe::{Locator, NoLocator, Pinger};
+use crate::registry::{Registration, RegistrationConfig, RegistryLocator};
+use crate::server::Ports;
 use crate::setup::{LocalSetup, SetupSource};
 use crate::storage::{HousekeepingSink, LocalCsv};
 use crate::storage_manager::{StorageManagerConfig, StorageManagerSink};
+use crate::supervisor::{ProcessTable, Supervisor, SupervisorConfig, SupervisorHandle};
+use crate::transport;
+
+/// The process table compiled into the binary.
+pub const DEFAULT_PROCESS_TABLE: &str = include_str!("../settings/procman.yaml");
 
 /// The settings group of the Storage Manager in CGSE settings files.
 pub const SM_GROUP: &str = "Storage Manager Control Server";
@@ -144,19 +155,130 @@ pub async fn lifecycle_hooks(config: &DaemonConfig) -> Vec<Arc<dyn Lifecycle>> {
     }
 }
 
-/// Build the integrations for a daemon run.
-pub async fn integrations(config: &DaemonConfig) -> Result<Integrations, DaemonError> {
-    let sampler = Arc::new(StatusSampler::new());
-    let core = CORE_SERVICES
+/// How control servers are located by service type: the Service Registry (`discover`).
+pub async fn locator(config: &DaemonConfig) -> Arc<dyn Locator> {
+    match integration_settings(config) {
+        Ok((i, registry)) => Arc::new(RegistryLocator::new(registry, i.registry_timeout)),
+        Err(e) => {
+            warn!(error = %e, "Service Registry settings unusable: services cannot be located by type");
+            Arc::new(NoLocator)
+        }
+    }
+}
+
+/// The process table: `Procman.PROCESS_TABLE`, else the embedded one.
+pub fn process_table(config: &DaemonConfig) -> Result<ProcessTable, DaemonError> {
+    match &config.procman.process_table {
+        Some(p) => ProcessTable::load(p),
+        None => ProcessTable::from_yaml(DEFAULT_PROCESS_TABLE, "the embedded settings/procman.yaml"),
+    }
+    .map_err(|e| DaemonError::Setup(e.to_string()))
+}
+
+/// Commanding endpoints of the core services whose ports the settings give.
+fn core_endpoints(config: &DaemonConfig) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for (name, group, ty) in [
+        ("Storage Manager", "Storage Manager Control Server", "SM_CS"),
+        ("Configuration Manager", "Configuration Manager Control Server", "CM_CS"),
+    ] {
+        if let Ok(p) = PeerSettings::from_settings(&config.settings, group, ty) {
+            if p.commanding_port != 0 {
+                if let Ok(ep) = transport::client_endpoint("tcp", &p.hostname, p.commanding_port) {
+                    out.insert(name.to_owned(), ep);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Stops (or leaves running, for re-adoption) the managed processes at daemon exit.
+struct SupervisorLifecycle {
+    handle: SupervisorHandle,
+    stop_children: bool,
+}
+
+impl Lifecycle for SupervisorLifecycle {
+    fn started(&self, _ports: Ports) -> HookFuture<'_> {
+        Box::pin(async {})
+    }
+
+    fn stopping(&self) -> HookFuture<'_> {
+        Box::pin(async move { self.handle.shutdown(self.stop_children).await })
+    }
+}
+
+/// `get_core_processes`: the CGSE core services, with the service types the process table gives.
+fn core_processes(table: &ProcessTable) -> Vec<(String, String)> {
+    let mut core: Vec<(String, String)> = CORE_SERVICES
         .iter()
         .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
         .collect();
+    for (name, ty) in table.core_service_types() {
+        if let Some(ty) = ty {
+            match core.iter_mut().find(|(n, _)| *n == name) {
+                Some(e) => e.1 = ty,
+                None => core.push((name, ty)),
+            }
+        }
+    }
+    core.sort();
+    core
+}
+
+/// Build the integrations for a daemon run.
+pub async fn integrations(config: &DaemonConfig) -> Result<Integrations, DaemonError> {
+    let sampler = Arc::new(StatusSampler::new());
+    let table = Arc::new(process_table(config)?);
+    let pinger = Pinger::new(locator(config).await, Duration::from_secs(1));
+    let state_dir = config.state_dir().join("supervisor");
+    let log_dir = config.log_location().join("procman");
+    let (ev_tx, mut ev_rx) = mpsc::channel(4096);
+    let supervisor = Supervisor::spawn(
+        SupervisorConfig::new(&state_dir, &log_dir),
+        Vec::new(),
+        ev_tx,
+        Some(Arc::new(pinger.clone())),
+    )
+    .map_err(|e| DaemonError::Setup(format!("process supervisor: {e}")))?;
+    info!(state = %state_dir.display(), logs = %log_dir.display(), "process supervisor ready");
+    // Supervisor events become monitoring messages.
+    let (out_tx, out_rx) = mpsc::channel(4096);
+    tokio::spawn(async move {
+        while let Some(e) = ev_rx.recv().await {
+            if out_tx.send(event_value(&e)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let self_names = vec![
+        "Process Manager".to_owned(),
+        config.pm.service_type.clone(),
+        config.pm.process_name.clone(),
+    ];
+    let controller = Controller::new(
+        core_processes(&table),
+        setup_source(config).await,
+        table,
+        config.procman.process_table.clone(),
+        supervisor.clone(),
+        pinger,
+        core_endpoints(config),
+        self_names,
+    );
+    controller.define_all().await;
+    let mut lifecycle = lifecycle_hooks(config).await;
+    lifecycle.push(Arc::new(SupervisorLifecycle {
+        handle: supervisor.clone(),
+        stop_children: config.procman.stop_children_on_exit,
+    }));
     Ok(Integrations {
-        commanding: Arc::new(Controller::new(core, setup_source(config).await)),
+        commanding: Arc::new(controller),
         storage: storage_sink(config).await,
-        housekeeping: Housekeeping::new(sampler.clone(), None),
-        lifecycle: lifecycle_hooks(config).await,
-        events: None,
+        housekeeping: Housekeeping::new(sampler.clone(), Some(Arc::new(SupervisorCounts(supervisor)))),
+        lifecycle,
+        events: Some(out_rx),
         sampler,
     })
 }

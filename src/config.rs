@@ -219,6 +219,19 @@ impl Settings {
             .ok_or_else(|| self.bad(group, key, format!("has value {v}, expected a number of seconds >= 0")))
     }
 
+    /// A boolean (YAML `true`/`false`, also `yes`/`no` as PyYAML reads them).
+    pub fn boolean(&self, group: &str, key: &str) -> Result<bool, ConfigError> {
+        match self.raw(group, key) {
+            Some(Json::Bool(b)) => Ok(*b),
+            Some(Json::String(s)) if matches!(s.to_ascii_lowercase().as_str(), "true" | "yes" | "on" | "1") => Ok(true),
+            Some(Json::String(s)) if matches!(s.to_ascii_lowercase().as_str(), "false" | "no" | "off" | "0") => {
+                Ok(false)
+            }
+            Some(other) => Err(self.bad(group, key, format!("has value {other}, expected true or false"))),
+            None => Err(self.missing(group, key)),
+        }
+    }
+
     /// A positive count.
     pub fn count(&self, group: &str, key: &str) -> Result<usize, ConfigError> {
         let v = self.raw(group, key).ok_or_else(|| self.missing(group, key))?;
@@ -387,6 +400,8 @@ pub struct ProcmanSettings {
     pub setup_file: Option<PathBuf>,
     /// The process definition table (`settings/procman.yaml` format); None = the embedded one.
     pub process_table: Option<PathBuf>,
+    /// Stop managed processes when the daemon exits (else they are re-adopted by the next daemon).
+    pub stop_children_on_exit: bool,
 }
 
 impl ProcmanSettings {
@@ -421,6 +436,7 @@ impl ProcmanSettings {
             state_dir: opt_path("STATE_DIR")?,
             setup_file: opt_path("SETUP_FILE")?,
             process_table: opt_path("PROCESS_TABLE")?,
+            stop_children_on_exit: s.boolean(g, "STOP_CHILDREN_ON_EXIT")?,
         })
     }
 }

@@ -1,20 +1,404 @@
-//! The commanding table's process-management commands.
+//! The commanding table's process-management commands, answered from the supervisor.
+//!
+//! Compatible with the original replies (PROTOCOL.md §7.2), without its shell: a `StartCommand` starts
+//! the managed definition of its device id (from the process table, by device id or by the Setup's
+//! device class); only when there is none does it run the client's legacy launcher — and only a program
+//! on the allow-list, split into argv, never through a shell. Status comes from the supervisor's state
+//! plus a `Ping` of the control server, not from grepping CLI output.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tracing::{info, warn};
 
 use crate::codec::Value;
+use crate::housekeeping::{CountProcesses, ProcessCounts};
+use crate::probe::Pinger;
+use crate::protocol::{from_json, py_repr};
 use crate::server::{Call, CommandError, Handler, HandlerFuture};
-use crate::setup::{device_ids_reply, devices_reply, SetupSource};
+use crate::setup::{device_ids_reply, devices_reply, Device, SetupSource};
+use crate::supervisor::{
+    validate_cgse_cmd, DeviceSpec, ProcessDefinition, ProcessEvent, ProcessState, ProcessTable, RestartPolicy,
+    SupervisorError, SupervisorHandle,
+};
+
+/// The arguments of a `StartCommand` / `StopCommand` / `StatusCommand` (PROTOCOL.md §4.6).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProcessCommand {
+    pub device_id: String,
+    pub cgse_cmd: Option<String>,
+    pub device_args: Vec<String>,
+    pub simulator: bool,
+}
+
+impl ProcessCommand {
+    /// Read the state of a pickled process command. The class path is not trusted; the state keys are
+    /// what matters (a dict with the same keys is accepted too).
+    pub fn from_value(v: &Value, what: &str) -> Result<ProcessCommand, CommandError> {
+        let items: &[(Value, Value)] = match v {
+            Value::Object(o) => o.state_dict().unwrap_or(&[]),
+            Value::Dict(items) => items,
+            other => {
+                return Err(CommandError::Type(format!("expected a {what}, got {}", py_repr(other))));
+            }
+        };
+        let get = |k: &str| {
+            crate::codec::dict_get(items, k).or_else(|| crate::codec::dict_get(items, k.trim_start_matches('_')))
+        };
+        let device_id = match get("_device_id") {
+            Some(Value::Str(s)) if !s.trim().is_empty() => s.clone(),
+            Some(Value::Int(i)) => i.to_string(),
+            other => {
+                return Err(CommandError::Value(format!(
+                    "{what} needs a device id, got {}",
+                    other.map(py_repr).unwrap_or_else(|| "nothing".into())
+                )));
+            }
+        };
+        let cgse_cmd = match get("_cgse_cmd") {
+            Some(Value::Str(s)) if !s.trim().is_empty() => Some(s.clone()),
+            Some(Value::Str(_)) | Some(Value::None) | None => None,
+            Some(other) => {
+                return Err(CommandError::Type(format!(
+                    "cgse_cmd must be a str, got {}",
+                    py_repr(other)
+                )))
+            }
+        };
+        let device_args = match get("_device_args") {
+            Some(Value::List(a) | Value::Tuple(a)) => a
+                .iter()
+                .map(|x| match x {
+                    Value::Str(s) => s.clone(),
+                    other => py_repr(other),
+                })
+                .collect(),
+            Some(Value::None) | None => Vec::new(),
+            Some(Value::Str(s)) => vec![s.clone()],
+            Some(other) => {
+                return Err(CommandError::Type(format!(
+                    "device_args must be a list, got {}",
+                    py_repr(other)
+                )));
+            }
+        };
+        let simulator = matches!(get("_is_simulator_mode"), Some(Value::Bool(true)));
+        Ok(ProcessCommand {
+            device_id,
+            cgse_cmd,
+            device_args,
+            simulator,
+        })
+    }
+}
+
+/// Where a definition came from, so `reload` only removes what the table or the Setup had given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Table,
+    Setup,
+    Client,
+}
 
 /// The Process Manager controller.
 pub struct Controller {
+    /// `get_core_processes`: name → registry service type.
     core_processes: Vec<(String, String)>,
     setup: Arc<dyn SetupSource>,
+    table: Mutex<Arc<ProcessTable>>,
+    table_path: Option<PathBuf>,
+    supervisor: SupervisorHandle,
+    pinger: Pinger,
+    /// Commanding endpoints of core services known from settings (name → endpoint).
+    core_endpoints: HashMap<String, String>,
+    /// Our own service type and core-service name: asking about ourselves needs no probe.
+    self_names: Vec<String>,
+    origins: Mutex<HashMap<String, Origin>>,
+}
+
+/// A status record as the wire carries it.
+fn record_value<T: Serialize>(r: &T) -> Value {
+    serde_json::to_value(r).map(from_json).unwrap_or(Value::None)
+}
+
+fn sup_err(e: SupervisorError) -> CommandError {
+    match e {
+        SupervisorError::UnknownProcess(id) => CommandError::Value(format!("no managed process {id:?}")),
+        other => CommandError::Failed(other.to_string()),
+    }
 }
 
 impl Controller {
-    pub fn new(core_processes: Vec<(String, String)>, setup: Arc<dyn SetupSource>) -> Controller {
-        Controller { core_processes, setup }
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        core_processes: Vec<(String, String)>,
+        setup: Arc<dyn SetupSource>,
+        table: Arc<ProcessTable>,
+        table_path: Option<PathBuf>,
+        supervisor: SupervisorHandle,
+        pinger: Pinger,
+        core_endpoints: HashMap<String, String>,
+        self_names: Vec<String>,
+    ) -> Controller {
+        Controller {
+            core_processes,
+            setup,
+            table: Mutex::new(table),
+            table_path,
+            supervisor,
+            pinger,
+            core_endpoints,
+            self_names,
+            origins: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn table(&self) -> Arc<ProcessTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn note_origin(&self, id: &str, origin: Origin) {
+        self.origins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), origin);
+    }
+
+    /// Definitions from the table's core services and the Setup's devices (those with a table entry).
+    async fn desired_definitions(&self) -> Vec<(ProcessDefinition, Origin)> {
+        let table = self.table();
+        let mut out = Vec::new();
+        match table.core_definitions() {
+            Ok(defs) => out.extend(defs.into_iter().map(|d| (d, Origin::Table))),
+            Err(e) => warn!(error = %e, "core service definitions unusable"),
+        }
+        if let Some(setup) = self.setup.current().await {
+            for d in setup.devices() {
+                let Some(spec) = device_spec(&d, false) else { continue };
+                if let Ok(def) = table.resolve_device(&spec) {
+                    if !out.iter().any(|(o, _)| o.id == def.id) {
+                        out.push((def, Origin::Setup));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Define everything the table and the Setup describe (at daemon start).
+    pub async fn define_all(&self) {
+        for (def, origin) in self.desired_definitions().await {
+            let id = def.id.clone();
+            match self.supervisor.define(def).await {
+                Ok(_) => self.note_origin(&id, origin),
+                Err(e) => warn!(process = %id, error = %e, "cannot define process"),
+            }
+        }
+    }
+
+    async fn find_device(&self, device_id: &str) -> Option<Device> {
+        let setup = self.setup.current().await?;
+        setup
+            .devices()
+            .into_iter()
+            .find(|d| d.id_text().as_deref() == Some(device_id))
+    }
+
+    /// The definition `start_process` starts for a device: the table's (by device id, or by the Setup's
+    /// device class), else `None` when the process is already defined (a core service, or started
+    /// before), else the client's legacy launcher.
+    async fn definition_for(&self, cmd: &ProcessCommand) -> Result<Option<(ProcessDefinition, Origin)>, CommandError> {
+        let table = self.table();
+        let spec = match self.find_device(&cmd.device_id).await {
+            Some(d) => device_spec(&d, cmd.simulator),
+            None => None,
+        }
+        .unwrap_or_else(|| DeviceSpec {
+            device_id: cmd.device_id.clone(),
+            device_name: cmd.device_id.clone(),
+            device_class: String::new(),
+            device_args: cmd.device_args.clone(),
+            simulator: cmd.simulator,
+        });
+        if let Ok(def) = table.resolve_device(&spec) {
+            return Ok(Some((def, Origin::Setup)));
+        }
+        if self.supervisor.definition(&cmd.device_id).is_some() {
+            return Ok(None);
+        }
+        let Some(cgse_cmd) = &cmd.cgse_cmd else {
+            return Err(CommandError::Value(format!(
+                "no process definition for device {:?} and no cgse_cmd to fall back on",
+                cmd.device_id
+            )));
+        };
+        let def = table
+            .legacy_definition(&cmd.device_id, cgse_cmd, &cmd.device_args, cmd.simulator)
+            .map_err(|e| CommandError::Value(format!("{e}")))?;
+        Ok(Some((def, Origin::Client)))
+    }
+
+    fn check_cgse_cmd(&self, cmd: &ProcessCommand) -> Result<(), CommandError> {
+        let Some(c) = &cmd.cgse_cmd else { return Ok(()) };
+        let table = self.table();
+        validate_cgse_cmd(c, table.allowed_programs()).map(|_| ()).map_err(|e| {
+            CommandError::Value(format!(
+                "{e}. procman never runs a shell; allowed programs: [{}]",
+                table.allowed_programs().join(", ")
+            ))
+        })
+    }
+
+    async fn start_process(&self, cmd: ProcessCommand) -> Result<Value, CommandError> {
+        // A client-named program is refused before anything else, even when a definition exists.
+        self.check_cgse_cmd(&cmd)?;
+        if let Some((def, origin)) = self.definition_for(&cmd).await? {
+            let id = def.id.clone();
+            self.supervisor.define(def).await.map_err(sup_err)?;
+            self.note_origin(&id, origin);
+        }
+        info!(process = %cmd.device_id, simulator = cmd.simulator, "start_process");
+        self.supervisor.start(&cmd.device_id).await.map_err(sup_err)?;
+        Ok(Value::None)
+    }
+
+    async fn stop_process(&self, cmd: ProcessCommand) -> Result<Value, CommandError> {
+        self.check_cgse_cmd(&cmd)?;
+        match self.supervisor.stop(&cmd.device_id).await {
+            Ok(()) => {
+                info!(process = %cmd.device_id, "stop_process");
+                Ok(Value::None)
+            }
+            Err(SupervisorError::UnknownProcess(_)) => {
+                // Not ours: a control server started by hand or by the original tools. Its own launcher
+                // can stop it; run it once (argv from the validated cgse_cmd, no shell).
+                let Some(c) = &cmd.cgse_cmd else {
+                    return Err(CommandError::Value(format!(
+                        "no managed process {:?} and no cgse_cmd to stop it with",
+                        cmd.device_id
+                    )));
+                };
+                let table = self.table();
+                let mut argv =
+                    validate_cgse_cmd(c, table.allowed_programs()).map_err(|e| CommandError::Value(e.to_string()))?;
+                argv.push("stop".into());
+                if let Some(a) = cmd.device_args.first() {
+                    argv.push(a.clone());
+                }
+                let id = format!("{}.stop", cmd.device_id);
+                let mut def = ProcessDefinition::new(&id, argv);
+                def.restart = RestartPolicy::Never;
+                self.supervisor.define(def).await.map_err(sup_err)?;
+                self.note_origin(&id, Origin::Client);
+                self.supervisor.start(&id).await.map_err(sup_err)?;
+                info!(process = %cmd.device_id, launcher = %id, "stop_process via the device's own launcher");
+                Ok(Value::None)
+            }
+            Err(e) => Err(sup_err(e)),
+        }
+    }
+
+    /// Is the control server of a managed or known process answering?
+    async fn cs_alive(&self, id: &str, service_type: &str) -> (bool, Option<String>) {
+        let managed = self.supervisor.get(id).ok();
+        if let Some(r) = &managed {
+            if !matches!(r.state, ProcessState::Running | ProcessState::Starting) {
+                return (false, None);
+            }
+        }
+        let endpoint = match self.supervisor.definition(id).and_then(|d| d.readiness.map(|r| r.ping)) {
+            Some(t) => self.pinger.endpoint_of(&t).await,
+            None => match self.core_endpoints.get(id) {
+                Some(e) => Some(e.clone()),
+                None => self.pinger.locator().commanding_endpoint(service_type).await,
+            },
+        };
+        match (&endpoint, &managed) {
+            (Some(ep), _) => (self.pinger.ping(ep).await, endpoint),
+            // Managed and running, but no way to reach its control server: trust the process state.
+            (None, Some(r)) => (r.state == ProcessState::Running, None),
+            (None, None) => (false, None),
+        }
+    }
+
+    async fn core_service_status(&self, cmd: ProcessCommand) -> Result<Value, CommandError> {
+        let name = cmd.device_id.clone();
+        // Asking about ourselves: we are answering, so we are active (the original deadlocked here).
+        let active = if self.self_names.contains(&name) {
+            true
+        } else {
+            let service_type = self
+                .core_processes
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, t)| t.clone())
+                .unwrap_or_else(|| name.to_uppercase());
+            self.cs_alive(&name, &service_type).await.0
+        };
+        Ok(Value::dict([
+            ("core_service_name", Value::Str(name)),
+            ("core_service_is_active", Value::Bool(active)),
+        ]))
+    }
+
+    async fn device_process_status(&self, cmd: ProcessCommand) -> Result<Value, CommandError> {
+        let id = cmd.device_id.clone();
+        let (alive, endpoint) = self.cs_alive(&id, &id.to_uppercase()).await;
+        if !alive {
+            return Ok(Value::dict([
+                ("device_id", Value::Str(id)),
+                ("cs_is_active", Value::Bool(false)),
+            ]));
+        }
+        // A control server that announces these commands can say more than a Ping.
+        let mut connected = true;
+        let mut simulator = self
+            .supervisor
+            .get(&id)
+            .map(|r| r.definition.simulator)
+            .unwrap_or(false);
+        if let Some(ep) = &endpoint {
+            if let Some(Value::Bool(b)) = self.pinger.call_if_announced(ep, "is_connected").await {
+                connected = b;
+            }
+            if let Some(Value::Bool(b)) = self.pinger.call_if_announced(ep, "is_simulator_mode").await {
+                simulator = b;
+            }
+        }
+        Ok(Value::dict([
+            ("device_id", Value::Str(id)),
+            ("cs_is_active", Value::Bool(true)),
+            ("device_is_connected", Value::Bool(connected)),
+            ("is_simulator_mode", Value::Bool(simulator)),
+        ]))
+    }
+
+    async fn reload(&self) -> Result<Value, CommandError> {
+        if let Some(p) = &self.table_path {
+            let t = ProcessTable::load(p).map_err(|e| CommandError::Failed(e.to_string()))?;
+            *self.table.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(t);
+        }
+        let desired = self.desired_definitions().await;
+        let (_, records) = self.supervisor.list();
+        let origins = self.origins.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut defs: Vec<ProcessDefinition> = desired.iter().map(|(d, _)| d.clone()).collect();
+        // Keep what clients started (legacy launchers): reload only manages what the table and Setup gave.
+        for r in &records {
+            let from_client = origins.get(&r.id).is_none_or(|o| *o == Origin::Client);
+            if from_client && !defs.iter().any(|d| d.id == r.id) {
+                if let Some(d) = self.supervisor.definition(&r.id) {
+                    defs.push(d);
+                }
+            }
+        }
+        let plan = self.supervisor.apply(defs, false).await.map_err(sup_err)?;
+        for (d, o) in desired {
+            self.note_origin(&d.id, o);
+        }
+        info!(?plan, "reload applied");
+        Ok(record_value(&plan))
     }
 
     async fn call(&self, call: Call) -> Result<Value, CommandError> {
@@ -46,15 +430,142 @@ impl Controller {
                     .map(|n| device_ids_reply(&n.devices()))
                     .unwrap_or(Value::Dict(vec![])))
             }
-            other => Err(CommandError::Failed(format!(
-                "{other} needs the process supervisor, which is not configured"
-            ))),
+            "start_process" => {
+                let arg = one_arg(call, "start_cmd")?;
+                self.start_process(ProcessCommand::from_value(&arg, "StartCommand")?)
+                    .await
+            }
+            "stop_process" => {
+                let arg = one_arg(call, "stop_cmd")?;
+                self.stop_process(ProcessCommand::from_value(&arg, "StopCommand")?)
+                    .await
+            }
+            "get_core_service_status" => {
+                let arg = one_arg(call, "status_cmd")?;
+                self.core_service_status(ProcessCommand::from_value(&arg, "StatusCommand")?)
+                    .await
+            }
+            "get_device_process_status" => {
+                let arg = one_arg(call, "status_cmd")?;
+                self.device_process_status(ProcessCommand::from_value(&arg, "StatusCommand")?)
+                    .await
+            }
+            "list_processes" => {
+                call.bind(&[], 0)?;
+                let (seq, records) = self.supervisor.list();
+                Ok(Value::dict([
+                    ("seq", Value::Int(seq as i64)),
+                    ("processes", Value::List(records.iter().map(record_value).collect())),
+                ]))
+            }
+            "restart_process" => {
+                let id = process_id(one_arg(call, "process_id")?)?;
+                self.supervisor.restart(&id).await.map_err(sup_err)?;
+                Ok(Value::None)
+            }
+            "get_process_log" => {
+                let mut b = call.bind(&["process_id", "lines"], 2)?;
+                let lines = b.pop().flatten().unwrap_or(Value::None);
+                let id = process_id(b.pop().flatten().unwrap_or(Value::None))?;
+                let n = match lines.as_i64() {
+                    Some(n) if (0..=100_000).contains(&n) => n as usize,
+                    _ => {
+                        return Err(CommandError::Value(format!(
+                            "lines must be 0..100000, got {}",
+                            py_repr(&lines)
+                        )))
+                    }
+                };
+                let tail = self.supervisor.log_tail(&id, n).map_err(sup_err)?;
+                Ok(Value::List(tail.into_iter().map(Value::Str).collect()))
+            }
+            "reload" => {
+                call.bind(&[], 0)?;
+                self.reload().await
+            }
+            other => Err(CommandError::Unknown(other.to_owned())),
         }
     }
+}
+
+fn one_arg(call: Call, name: &str) -> Result<Value, CommandError> {
+    Ok(call.bind(&[name], 1)?.swap_remove(0).unwrap_or(Value::None))
+}
+
+fn process_id(v: Value) -> Result<String, CommandError> {
+    match v {
+        Value::Str(s) => Ok(s),
+        other => Err(CommandError::Type(format!(
+            "process_id must be a str, got {}",
+            py_repr(&other)
+        ))),
+    }
+}
+
+/// The supervisor's view of a Setup device (devices without an id cannot be managed).
+fn device_spec(d: &Device, simulator: bool) -> Option<DeviceSpec> {
+    Some(DeviceSpec {
+        device_id: d.id_text()?,
+        device_name: d.name.clone(),
+        device_class: d.device.as_str().unwrap_or_default().to_owned(),
+        device_args: d.args_text(),
+        simulator,
+    })
 }
 
 impl Handler for Controller {
     fn handle(&self, call: Call) -> HandlerFuture<'_> {
         Box::pin(self.call(call))
     }
+}
+
+/// Process counts for housekeeping, from the supervisor's snapshot.
+pub struct SupervisorCounts(pub SupervisorHandle);
+
+impl CountProcesses for SupervisorCounts {
+    fn counts(&self) -> ProcessCounts {
+        let (_, records) = self.0.list();
+        let mut c = ProcessCounts {
+            total: records.len() as u64,
+            ..Default::default()
+        };
+        for r in &records {
+            c.restarts += u64::from(r.restarts);
+            match r.state {
+                ProcessState::Running => c.running += 1,
+                ProcessState::Starting => c.starting += 1,
+                ProcessState::Backoff => c.backoff += 1,
+                ProcessState::Stopping => c.stopping += 1,
+                ProcessState::Stopped => c.stopped += 1,
+                ProcessState::Exited => c.exited += 1,
+                ProcessState::Fatal => c.fatal += 1,
+            }
+        }
+        c
+    }
+}
+
+/// A process event as published on the monitoring socket: a dict with a sequence number, so a
+/// subscriber can tell it missed one (a gap) and resynchronise with `list_processes`.
+pub fn event_value(e: &ProcessEvent) -> Value {
+    let opt = |v: Option<i32>| v.map(|x| Value::Int(i64::from(x))).unwrap_or(Value::None);
+    Value::dict([
+        ("event", Value::str("process_state")),
+        ("seq", Value::Int(e.seq as i64)),
+        (
+            "kind",
+            Value::str(if matches!(e.kind, crate::supervisor::EventKind::Removed) {
+                "removed"
+            } else {
+                "state"
+            }),
+        ),
+        ("id", Value::str(&e.id)),
+        ("old_state", Value::str(e.old_state.as_str())),
+        ("new_state", Value::str(e.new_state.as_str())),
+        ("pid", opt(e.pid)),
+        ("exit_code", opt(e.exit_code)),
+        ("exit_signal", opt(e.exit_signal)),
+        ("time", Value::Float(e.time)),
+    ])
 }

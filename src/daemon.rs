@@ -173,10 +173,10 @@ pub async fn start(
     let pm = &config.pm;
     let p = &config.procman;
     let addr = p.bind_address.as_str();
-    // Bound what a peer can make zmq.rs buffer (vendor/zeromq/PATCHES.md): a frame a little over our
-    // pickle limit still reaches the codec, which answers it with a Failure; far larger ones are cut
-    // off at the transport.
-    zeromq::limits::set_max_message_size(p.limits.max_frame_bytes.saturating_add(64 * 1024));
+    // Bound what a peer can make zmq.rs buffer (vendor/zeromq/PATCHES.md). A frame up to twice our pickle
+    // limit is read and answered with a Failure naming the limit; a larger one (a peer announcing
+    // gigabytes) disconnects that peer instead of being buffered.
+    zeromq::limits::set_max_message_size(p.limits.max_frame_bytes.saturating_mul(2).max(1024 * 1024));
     zeromq::limits::set_pub_subscriber_queue(p.pub_queue_per_subscriber);
     let (service_sock, service_port) = transport::bind_router(&pm.protocol, addr, pm.service_port, "service").await?;
     let (pub_sock, monitoring_port) = transport::bind_pub(&pm.protocol, addr, pm.monitoring_port, "monitoring").await?;

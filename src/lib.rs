@@ -32,6 +32,7 @@ pub mod daemon;
 pub mod housekeeping;
 pub mod logging;
 pub mod monitor;
+pub mod probe;
 pub mod protocol;
 pub mod registry;
 pub mod server;

@@ -403,6 +403,34 @@ pub async fn discover(
         .await
 }
 
+/// Locates control servers by service type in the registry (readiness probes of managed devices,
+/// whose control servers register under their device id).
+pub struct RegistryLocator {
+    settings: RegistrySettings,
+    timeout: Duration,
+}
+
+impl RegistryLocator {
+    pub fn new(settings: RegistrySettings, timeout: Duration) -> RegistryLocator {
+        RegistryLocator { settings, timeout }
+    }
+}
+
+impl crate::probe::Locator for RegistryLocator {
+    fn commanding_endpoint(&self, service_type: &str) -> crate::probe::BoxFuture<'_, Option<String>> {
+        let service_type = service_type.to_owned();
+        Box::pin(async move {
+            match discover(&self.settings, &service_type, self.timeout).await {
+                Ok(r) => r.endpoint(r.port).ok(),
+                Err(e) => {
+                    debug!(service_type = %service_type, error = %e, "not found in the registry");
+                    None
+                }
+            }
+        })
+    }
+}
+
 /// Where the daemon's registration stands, for logs and status.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RegistrationState {

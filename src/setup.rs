@@ -201,21 +201,7 @@ pub fn device_ids_reply(devices: &[Device]) -> Value {
 fn from_json(j: Json) -> Node {
     match j {
         Json::Object(m) => Node::Map(m.into_iter().map(|(k, v)| (k, from_json(v))).collect()),
-        other => Node::Leaf(json_value(other)),
-    }
-}
-
-fn json_value(j: Json) -> Value {
-    match j {
-        Json::Null => Value::None,
-        Json::Bool(b) => Value::Bool(b),
-        Json::Number(n) => n
-            .as_i64()
-            .map(Value::Int)
-            .unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN))),
-        Json::String(s) => Value::Str(s),
-        Json::Array(a) => Value::List(a.into_iter().map(json_value).collect()),
-        Json::Object(m) => Value::Dict(m.into_iter().map(|(k, v)| (Value::Str(k), json_value(v))).collect()),
+        other => Node::Leaf(crate::protocol::from_json(other)),
     }
 }
 

@@ -36,8 +36,8 @@ impl Default for Limits {
             max_frame_bytes: 64 * 1024 * 1024,
             max_depth: 500,
             max_memo: 1_000_000,
-            max_container_len: 4_000_000,
-            max_nodes: 8_000_000,
+            max_container_len: 1_000_000,
+            max_nodes: 2_000_000,
         }
     }
 }

@@ -53,6 +53,13 @@ struct RawCommand {
     description: Option<String>,
     #[serde(default)]
     handler: Option<String>,
+    /// False for commands the original controller class does not have (no function reference).
+    #[serde(default = "yes")]
+    device_method: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,6 +189,7 @@ fn build(kind: SocketKind, raw: RawTable) -> Result<CommandTable, TableError> {
                     .unwrap_or(Value::None),
                 raw.device_method_class
                     .as_ref()
+                    .filter(|_| rc.device_method)
                     .map(|g| Value::global(&g.module, format!("{}.{name}", g.qualname)))
                     .unwrap_or(Value::None),
             ),

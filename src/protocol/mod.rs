@@ -306,6 +306,26 @@ pub fn py_str_repr(s: &str) -> String {
     out
 }
 
+/// A JSON value (e.g. a serialised status record) as a pickle value: objects become dicts in order,
+/// integral numbers ints, other numbers floats.
+pub fn from_json(j: serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match j {
+        J::Null => Value::None,
+        J::Bool(b) => Value::Bool(b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => match n.as_u64() {
+                Some(u) => Value::from(u128::from(u)),
+                None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+        },
+        J::String(s) => Value::Str(s),
+        J::Array(a) => Value::List(a.into_iter().map(from_json).collect()),
+        J::Object(m) => Value::Dict(m.into_iter().map(|(k, v)| (Value::Str(k), from_json(v))).collect()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

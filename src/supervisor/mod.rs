@@ -442,6 +442,16 @@ impl SupervisorHandle {
             .ok_or_else(|| SupervisorError::UnknownProcess(id.to_owned()))
     }
 
+    /// The definition in effect for a process, if it is defined.
+    pub fn definition(&self, id: &str) -> Option<ProcessDefinition> {
+        let table = self.ctx.table();
+        table
+            .slots
+            .iter()
+            .find(|s| s.record.id == id && !s.removing)
+            .map(|s| (*s.def).clone())
+    }
+
     /// All statuses, with the sequence number of the last event they include.
     pub fn list(&self) -> (u64, Vec<ProcessRecord>) {
         let table = self.ctx.table();
