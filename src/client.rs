@@ -90,6 +90,11 @@ impl ControlClient {
         self.req.set_connect_timeout(limit);
     }
 
+    /// Fail at once when nothing listens (for callers that retry on their own).
+    pub fn set_refused_is_final(&mut self, yes: bool) {
+        self.req.set_refused_is_final(yes);
+    }
+
     /// True while the underlying socket is kept (after a failure it is dropped and recreated).
     pub fn is_connected(&self) -> bool {
         self.req.is_connected()

@@ -153,11 +153,30 @@ pub fn client_endpoint(protocol: &str, host: &str, port: u16) -> Result<String, 
 }
 
 /// Connect a client socket within `limit`; any failure means nothing was sent.
-async fn connect_within<S: Socket>(mut socket: S, endpoint: &str, limit: Duration) -> Result<S, TransportError> {
+///
+/// With `refused_is_final`, a plain TCP connect goes first and a refused connection fails at once:
+/// zmq.rs would keep retrying until `limit`, so a peer that is simply not running would cost the whole
+/// bound on every attempt. Callers that retry on their own (the core-service clients) want that.
+async fn connect_within<S: Socket>(
+    mut socket: S,
+    endpoint: &str,
+    limit: Duration,
+    refused_is_final: bool,
+) -> Result<S, TransportError> {
     let failed = |reason: String| TransportError::Connect {
         endpoint: endpoint.to_owned(),
         reason,
     };
+    if refused_is_final {
+        if let Some(addr) = endpoint.strip_prefix("tcp://") {
+            let addr = addr.trim_start_matches('[').replacen("]:", ":", 1);
+            if let Ok(Err(e)) = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr.as_str())).await {
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    return Err(failed(format!("connection refused ({e})")));
+                }
+            }
+        }
+    }
     match tokio::time::timeout(limit, socket.connect(endpoint)).await {
         Ok(Ok(())) => Ok(socket),
         Ok(Err(e)) => Err(failed(e.to_string())),
@@ -181,6 +200,7 @@ pub struct ReqClient {
     endpoint: String,
     socket: Option<zeromq::ReqSocket>,
     connect_timeout: Option<Duration>,
+    refused_is_final: bool,
 }
 
 impl ReqClient {
@@ -189,7 +209,13 @@ impl ReqClient {
             endpoint: endpoint.into(),
             socket: None,
             connect_timeout: None,
+            refused_is_final: false,
         }
+    }
+
+    /// Fail at once when nothing listens, instead of retrying until the connect bound.
+    pub fn set_refused_is_final(&mut self, yes: bool) {
+        self.refused_is_final = yes;
     }
 
     pub fn endpoint(&self) -> &str {
@@ -219,7 +245,7 @@ impl ReqClient {
             None => {
                 let limit = self.connect_timeout.unwrap_or(timeout).min(timeout);
                 let s = zeromq::ReqSocket::with_options(socket_options(limit));
-                connect_within(s, &self.endpoint, limit).await?
+                connect_within(s, &self.endpoint, limit, self.refused_is_final).await?
             }
         };
         let remaining = timeout.saturating_sub(started.elapsed());
@@ -270,6 +296,7 @@ pub struct DealerClient {
     endpoint: String,
     socket: Option<zeromq::DealerSocket>,
     connect_timeout: Option<Duration>,
+    refused_is_final: bool,
 }
 
 impl DealerClient {
@@ -278,7 +305,13 @@ impl DealerClient {
             endpoint: endpoint.into(),
             socket: None,
             connect_timeout: None,
+            refused_is_final: false,
         }
+    }
+
+    /// Fail at once when nothing listens, instead of retrying until the connect bound.
+    pub fn set_refused_is_final(&mut self, yes: bool) {
+        self.refused_is_final = yes;
     }
 
     pub fn endpoint(&self) -> &str {
@@ -311,7 +344,7 @@ impl DealerClient {
             None => {
                 let limit = self.connect_timeout.unwrap_or(timeout).min(timeout);
                 let s = zeromq::DealerSocket::with_options(socket_options(limit));
-                connect_within(s, &endpoint, limit).await?
+                connect_within(s, &endpoint, limit, self.refused_is_final).await?
             }
         };
         let remaining = timeout.saturating_sub(started.elapsed());
@@ -348,7 +381,7 @@ impl Subscriber {
     /// Connect to `endpoint` within `limit` and subscribe to each topic prefix.
     pub async fn connect(endpoint: &str, topics: &[&str], limit: Duration) -> Result<Subscriber, TransportError> {
         let s = zeromq::SubSocket::with_options(socket_options(limit));
-        let mut socket = connect_within(s, endpoint, limit).await?;
+        let mut socket = connect_within(s, endpoint, limit, false).await?;
         for t in topics {
             socket.subscribe(t).await.map_err(|e| TransportError::Zmq {
                 endpoint: endpoint.to_owned(),
@@ -426,5 +459,35 @@ mod tests {
         };
         let (r, _) = tokio::join!(c.request(b"two".to_vec(), Duration::from_secs(2)), server);
         assert_eq!(r.unwrap().as_ref(), b"reply-two");
+    }
+
+    #[tokio::test]
+    async fn dealer_client_drops_late_and_extra_replies() {
+        let (mut router, port) = bind_router("tcp", "127.0.0.1", 0, "req").await.unwrap();
+        let mut c = DealerClient::new(format!("tcp://127.0.0.1:{port}"));
+        let answer = |f: &[Bytes], text: &'static str| {
+            ZmqMessage::try_from(vec![f[0].clone(), Bytes::from_static(text.as_bytes())]).unwrap()
+        };
+        let t = Duration::from_millis(300);
+        // Too late: the client gave up and dropped the socket, the reply goes nowhere.
+        let (r, first) = tokio::join!(c.request(vec![Bytes::from_static(b"one")], t), async {
+            router.recv().await.unwrap().into_vec()
+        });
+        assert!(matches!(r, Err(TransportError::Timeout { .. })));
+        let _ = router.send(answer(&first, "late-one")).await;
+        // Answered twice on a kept socket: the extra reply is drained before the next request.
+        let (r, _) = tokio::join!(c.request(vec![Bytes::from_static(b"two")], t), async {
+            let f = router.recv().await.unwrap().into_vec();
+            router.send(answer(&f, "two")).await.unwrap();
+            router.send(answer(&f, "two-again")).await.unwrap();
+        });
+        assert_eq!(r.unwrap(), [Bytes::from_static(b"two")]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (r, _) = tokio::join!(c.request(vec![Bytes::from_static(b"three")], t), async {
+            let f = router.recv().await.unwrap().into_vec();
+            assert_eq!(f.last().unwrap().as_ref(), b"three");
+            router.send(answer(&f, "three")).await.unwrap();
+        });
+        assert_eq!(r.unwrap(), [Bytes::from_static(b"three")]);
     }
 }
