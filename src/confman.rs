@@ -197,6 +197,7 @@ impl Inner {
         };
         let mut c = ControlClient::new(endpoint, self.config.timeout);
         c.set_connect_timeout(self.config.connect_timeout);
+        c.set_refused_is_final(true);
         Ok(c)
     }
 
@@ -227,7 +228,10 @@ impl Inner {
         let Some(client) = slot.as_mut() else {
             return Err(ConfmanError::Discovery("no client".into()));
         };
-        match client.request(&get_setup_request()).await {
+        // A fresh connection per request (see `storage_manager`): a restarted CM is a new peer.
+        let result = client.request(&get_setup_request()).await;
+        client.reset();
+        match result {
             Ok(reply) => parse_get_setup_reply(&reply),
             Err(e) => {
                 // Rediscover next time (a CM on port 0 may come back elsewhere).

@@ -226,14 +226,21 @@ impl StorageManagerSink {
         if st.client.is_none() {
             let mut c = ControlClient::new(self.endpoint().await?, self.config.timeout);
             c.set_connect_timeout(self.config.connect_timeout);
+            c.set_refused_is_final(true);
             st.client = Some(c);
         }
         let Some(client) = st.client.as_mut() else {
             return Err(StorageError::Discovery("no client".into()));
         };
-        match client.request_with_timeout(v, timeout).await {
+        // A fresh connection per request: a kept zmq.rs socket does not notice that a restarted Storage
+        // Manager is a new peer, and a request sent into the old connection would be "in doubt" for
+        // nothing. A new connection that succeeds also proves the SM is there before anything is sent.
+        let result = client.request_with_timeout(v, timeout).await;
+        client.reset();
+        match result {
             Ok(r) => Ok(r),
             Err(e) => {
+                // Rediscover next time (a Storage Manager on port 0 may come back elsewhere).
                 st.client = None;
                 Err(e.into())
             }
