@@ -498,3 +498,357 @@ impl HousekeepingSink for StorageManagerSink {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::UNIX_EPOCH;
+
+    use bytes::Bytes;
+    use tokio::task::JoinHandle;
+    use zeromq::{SocketRecv, SocketSend, ZmqMessage};
+
+    use crate::codec::{self, Limits};
+
+    /// What the fake Storage Manager does with a request.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Act {
+        /// Answer normally (Success; a save is appended to the daily file as sm_cs would).
+        Normal,
+        /// Store the record, then never answer (a reply lost, or given too late).
+        StoreSilently,
+        /// Neither store nor answer (a request lost with a dying SM).
+        Drop,
+        /// "could not find a registration" (an SM that restarted).
+        Forgot,
+        /// Another Failure.
+        Refuse,
+    }
+
+    #[derive(Default)]
+    struct Script {
+        /// One act per save, in order; `Normal` after the end.
+        saves: Vec<Act>,
+        registered_already: bool,
+        log: Vec<String>,
+    }
+
+    struct FakeSm {
+        script: Arc<Mutex<Script>>,
+        task: JoinHandle<()>,
+    }
+
+    fn success(msg: &str) -> Value {
+        Value::new_object(
+            "egse.response",
+            "Success",
+            Value::dict([("message", Value::str(msg)), ("return_code", Value::None)]),
+        )
+    }
+
+    impl FakeSm {
+        async fn start(port: u16, local: Arc<LocalCsv>, script: Script) -> FakeSm {
+            let (mut router, _) = transport::bind_router("tcp", "127.0.0.1", port, "sm").await.unwrap();
+            let script = Arc::new(Mutex::new(script));
+            let s = script.clone();
+            let saves = Arc::new(AtomicUsize::new(0));
+            let task = tokio::spawn(async move {
+                while let Ok(m) = router.recv().await {
+                    let mut f = m.into_vec();
+                    let req = codec::decode(f.last().unwrap(), &Limits::default()).unwrap();
+                    let (name, arg) = match &req {
+                        Value::Str(s) => (s.clone(), Value::None),
+                        Value::Object(o) => {
+                            let cmd = o.attr("_cmd").and_then(Value::as_object).unwrap();
+                            let name = cmd.attr("_name").and_then(Value::as_str).unwrap().to_owned();
+                            let Some(Value::Tuple(args)) = o.attr("_args") else {
+                                panic!()
+                            };
+                            (name, args[0].clone())
+                        }
+                        other => panic!("{other:?}"),
+                    };
+                    let reply = {
+                        let mut sc = s.lock().unwrap();
+                        sc.log.push(name.clone());
+                        match name.as_str() {
+                            "Ping" => Some(Value::str("Pong")),
+                            "register" if sc.registered_already => {
+                                sc.registered_already = false;
+                                Some(success("PM is already registered."))
+                            }
+                            "register" => Some(success("Storage successfully registered PM")),
+                            "unregister" => Some(success("Storage successfully unregistered PM")),
+                            "save" => {
+                                let n = saves.fetch_add(1, Ordering::SeqCst);
+                                let act = sc.saves.get(n).copied().unwrap_or(Act::Normal);
+                                let record = record_of(&arg);
+                                match act {
+                                    Act::Normal => {
+                                        local.append(&record).unwrap();
+                                        Some(success("Storage successfully saved the data for PM."))
+                                    }
+                                    Act::StoreSilently => {
+                                        local.append(&record).unwrap();
+                                        None
+                                    }
+                                    Act::Drop => None,
+                                    Act::Forgot => Some(crate::protocol::failure(
+                                        "Storage could not find a registration for PM, no data saved.",
+                                    )),
+                                    Act::Refuse => Some(crate::protocol::failure("disk full")),
+                                }
+                            }
+                            other => panic!("unexpected {other}"),
+                        }
+                    };
+                    if let Some(r) = reply {
+                        f.pop();
+                        f.push(Bytes::from(codec::encode(&r)));
+                        let _ = router.send(ZmqMessage::try_from(f).unwrap()).await;
+                    }
+                }
+            });
+            FakeSm { script, task }
+        }
+
+        fn log(&self) -> Vec<String> {
+            self.script.lock().unwrap().log.clone()
+        }
+    }
+
+    /// The record a save carried (the fake SM writes it like sm_cs does).
+    fn record_of(arg: &Value) -> HkRecord {
+        let Some(Value::Dict(data)) = arg.get("data") else {
+            panic!()
+        };
+        let fields: Vec<(String, HkValue)> = data
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::Str(s) => HkValue::Str(s.clone()),
+                    Value::Int(i) => HkValue::Int(*i),
+                    _ => HkValue::None,
+                };
+                (k.as_str().unwrap().to_owned(), v)
+            })
+            .collect();
+        let HkValue::Int(ms) = fields[1].1 else { panic!() };
+        HkRecord {
+            when: UNIX_EPOCH + Duration::from_millis(ms as u64),
+            fields,
+        }
+    }
+
+    fn record(n: i64) -> HkRecord {
+        let ms = 1_795_691_412_000 + n * 250;
+        let when = UNIX_EPOCH + Duration::from_millis(ms as u64);
+        HkRecord {
+            when,
+            fields: vec![
+                ("timestamp".into(), HkValue::Str(crate::util::format_datetime(when))),
+                ("n".into(), HkValue::Int(ms)),
+            ],
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn setup(port: u16) -> (StorageManagerSink, Arc<LocalCsv>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("procman-sm-{}", uuid::Uuid::new_v4()));
+        let local = || LocalCsv::new(dir.clone(), "LAB42".into(), "PM".into());
+        let config = StorageManagerConfig {
+            sm: PeerSettings {
+                service_type: "SM_CS".into(),
+                hostname: "127.0.0.1".into(),
+                commanding_port: port,
+            },
+            registry: RegistrySettings {
+                hostname: "127.0.0.1".into(),
+                requester_port: 1,
+                publisher_port: 1,
+                heartbeat_port: 1,
+            },
+            registry_timeout: Duration::from_millis(200),
+            timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_millis(200),
+            origin: "PM".into(),
+        };
+        (StorageManagerSink::new(config, local()), Arc::new(local()), dir)
+    }
+
+    fn rows(dir: &std::path::Path) -> Vec<String> {
+        let path = daily(dir);
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.split("\r\n")
+            .filter(|l| !l.is_empty() && !l.starts_with("timestamp,"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn daily(dir: &std::path::Path) -> std::path::PathBuf {
+        crate::storage::daily_file(dir, "LAB42", "PM", record(0).when)
+    }
+
+    #[tokio::test]
+    async fn stores_through_the_sm_and_registers_again_after_its_restart() {
+        let port = free_port();
+        let (sink, local, dir) = setup(port);
+        let sm = FakeSm::start(
+            port,
+            local,
+            Script {
+                saves: vec![Act::Normal, Act::Forgot],
+                ..Default::default()
+            },
+        )
+        .await;
+        sink.save(record(0)).await.unwrap();
+        sink.save(record(1)).await.unwrap();
+        assert_eq!(sm.log(), ["register", "save", "save", "register", "save"]);
+        // Every row once, written by the "SM".
+        assert_eq!(rows(&dir).len(), 2);
+        assert!(sink.describe().starts_with("Storage Manager"), "{}", sink.describe());
+        sink.shutdown().await;
+        assert_eq!(sm.log().last().unwrap(), "unregister");
+        sm.task.abort();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn fails_over_to_the_daily_file_at_once_and_back() {
+        let port = free_port();
+        let (sink, local, dir) = setup(port);
+        let t0 = std::time::Instant::now();
+        sink.save(record(0)).await.unwrap();
+        sink.save(record(1)).await.unwrap();
+        assert!(t0.elapsed() < Duration::from_millis(150), "{:?}", t0.elapsed());
+        let text = std::fs::read_to_string(daily(&dir)).unwrap();
+        assert!(text.starts_with("timestamp,n\r\n"), "{text}");
+        assert!(sink.describe().starts_with("local CSV"), "{}", sink.describe());
+        let refused = sink.register(vec!["timestamp".into(), "n".into()]).await.unwrap_err();
+        assert!(refused.contains("local CSV"), "{refused}");
+        // The SM appears: the next record goes to it (registered first), nothing twice.
+        let sm = FakeSm::start(port, local, Script::default()).await;
+        sink.save(record(2)).await.unwrap();
+        assert_eq!(sm.log(), ["register", "save"]);
+        let r = rows(&dir);
+        assert_eq!(r.len(), 3);
+        assert!(r[2].contains(&crate::util::format_datetime(record(2).when)));
+        sm.task.abort();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn a_record_stored_without_answer_is_not_written_again() {
+        let port = free_port();
+        let (sink, local, dir) = setup(port);
+        let sm = FakeSm::start(
+            port,
+            local,
+            Script {
+                saves: vec![Act::StoreSilently],
+                ..Default::default()
+            },
+        )
+        .await;
+        sink.save(record(0)).await.unwrap();
+        assert_eq!(sink.in_doubt().await, 1);
+        sink.save(record(1)).await.unwrap();
+        assert_eq!(sink.in_doubt().await, 0);
+        // Found in the file: neither sent again nor written locally.
+        assert_eq!(sm.log(), ["register", "save", "save"]);
+        assert_eq!(rows(&dir).len(), 2);
+        sm.task.abort();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn a_record_lost_without_answer_is_sent_again_once_the_sm_answers() {
+        let port = free_port();
+        let (sink, local, dir) = setup(port);
+        let sm = FakeSm::start(
+            port,
+            local,
+            Script {
+                saves: vec![Act::Drop],
+                ..Default::default()
+            },
+        )
+        .await;
+        sink.save(record(0)).await.unwrap();
+        assert_eq!(sink.in_doubt().await, 1);
+        sink.save(record(1)).await.unwrap();
+        // Not in the file, the SM answers a Ping: the lost record goes again, before the new one.
+        assert_eq!(sm.log(), ["register", "save", "Ping", "save", "save"]);
+        let r = rows(&dir);
+        assert_eq!(r.len(), 2);
+        assert!(r[0].contains(&crate::util::format_datetime(record(0).when)));
+        sm.task.abort();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_a_record_in_doubt_that_is_not_in_the_file_is_written_locally() {
+        let port = free_port();
+        let (sink, local, dir) = setup(port);
+        let sm = FakeSm::start(
+            port,
+            local,
+            Script {
+                saves: vec![Act::Drop],
+                ..Default::default()
+            },
+        )
+        .await;
+        sink.save(record(0)).await.unwrap();
+        sm.task.abort();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sink.shutdown().await;
+        assert_eq!(rows(&dir).len(), 1);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn a_refused_save_goes_local_and_a_stale_registration_is_replaced() {
+        let port = free_port();
+        let (sink, local, dir) = setup(port);
+        let sm = FakeSm::start(
+            port,
+            local,
+            Script {
+                saves: vec![Act::Refuse],
+                registered_already: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        sink.save(record(0)).await.unwrap();
+        assert_eq!(sm.log(), ["register", "unregister", "register", "save"]);
+        assert_eq!(rows(&dir).len(), 1, "refused by the SM: written by us");
+        assert_eq!(sink.in_doubt().await, 0);
+        sm.task.abort();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn requests_have_the_minimal_shape() {
+        let r = save_request("PM", &record(0));
+        let o = r.as_object().unwrap();
+        assert!(o.is("egse.command", "CommandExecution"));
+        let cmd = o.attr("_cmd").and_then(Value::as_object).unwrap();
+        assert!(cmd.is("egse.storage", "StorageCommand"));
+        assert_eq!(
+            cmd.attr("_device_method"),
+            Some(&Value::global("egse.storage", "StorageController.save"))
+        );
+    }
+}
