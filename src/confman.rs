@@ -446,3 +446,179 @@ async fn notify_loop(inner: Weak<Inner>) {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use bytes::Bytes;
+    use tokio::task::JoinHandle;
+    use zeromq::{SocketRecv, SocketSend, ZmqMessage};
+
+    use crate::codec::{self, Limits, Object, ObjectKind};
+
+    /// A pickled `egse.setup.Setup` as cm_cs sends it: items first, `_setup_id` in the BUILD state.
+    fn setup_value(id: &str, devices: &[(&str, &str)]) -> Value {
+        let gse = Value::Dict(
+            devices
+                .iter()
+                .map(|(key, name)| {
+                    (
+                        Value::str(*key),
+                        Value::dict([
+                            ("device", Value::str("class//egse.dummy.DummyProxy")),
+                            ("device_name", Value::str(*name)),
+                        ]),
+                    )
+                })
+                .collect(),
+        );
+        Value::Object(Box::new(Object {
+            class: Value::global("egse.setup", "Setup"),
+            kind: ObjectKind::NewObj,
+            args: vec![],
+            kwargs: vec![],
+            state: Some(Value::dict([("_setup_id", Value::str(id))])),
+            list_items: vec![],
+            dict_items: vec![(Value::str("site_id"), Value::str("LAB42")), (Value::str("gse"), gse)],
+        }))
+    }
+
+    /// 0: setup A, 1: setup B, 2: "No Setup was loaded".
+    async fn fake_cm(port: u16, which: Arc<AtomicU8>) -> JoinHandle<()> {
+        let (mut router, _) = transport::bind_router("tcp", "127.0.0.1", port, "cm").await.unwrap();
+        tokio::spawn(async move {
+            while let Ok(m) = router.recv().await {
+                let mut f = m.into_vec();
+                let req = codec::decode(f.last().unwrap(), &Limits::default()).unwrap();
+                assert_eq!(req, get_setup_request());
+                let reply = match which.load(Ordering::SeqCst) {
+                    0 => setup_value("00001", &[("a", "Device A")]),
+                    1 => setup_value("00002", &[("b", "Device B"), ("c", "Device C")]),
+                    _ => crate::protocol::failure("No Setup was loaded on the Configuration Manager."),
+                };
+                f.pop();
+                f.push(Bytes::from(codec::encode(&reply)));
+                let _ = router.send(ZmqMessage::try_from(f).unwrap()).await;
+            }
+        })
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn source(port: u16, local_file: Option<std::path::PathBuf>) -> ConfmanSetup {
+        let config = ConfmanConfig {
+            cm: PeerSettings {
+                service_type: "CM_CS".into(),
+                hostname: "127.0.0.1".into(),
+                commanding_port: port,
+            },
+            registry: RegistrySettings {
+                hostname: "127.0.0.1".into(),
+                requester_port: 1,
+                publisher_port: 1,
+                heartbeat_port: 1,
+            },
+            registry_timeout: Duration::from_millis(200),
+            timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_millis(200),
+            refresh: Duration::from_millis(200),
+            notify_hub: NotifyHubSettings {
+                hostname: "127.0.0.1".into(),
+                publisher_port: 0,
+            },
+        };
+        ConfmanSetup::start(config, LocalSetup::new(local_file, None, None, "LAB42".into()))
+    }
+
+    fn names(n: Option<Arc<Node>>) -> Vec<String> {
+        n.map(|n| n.devices().into_iter().map(|d| d.name).collect())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn follows_the_cm_then_answers_from_the_cache_at_once() {
+        let port = free_port();
+        let which = Arc::new(AtomicU8::new(0));
+        let cm = fake_cm(port, which.clone()).await;
+        let s = source(port, None);
+        assert_eq!(names(s.current().await), ["Device A"]);
+        assert!(s.describe().contains("Setup 00001"), "{}", s.describe());
+        // A new Setup in the CM: the next call sees it.
+        which.store(1, Ordering::SeqCst);
+        assert_eq!(names(s.current().await), ["Device B", "Device C"]);
+        // The CM goes away: one failed attempt, then answers come from the cache without waiting.
+        cm.abort();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(names(s.current().await), ["Device B", "Device C"]);
+        let t0 = Instant::now();
+        for _ in 0..20 {
+            assert_eq!(names(s.current().await), ["Device B", "Device C"]);
+        }
+        assert!(t0.elapsed() < Duration::from_millis(50), "{:?}", t0.elapsed());
+        assert!(s.describe().contains("unreachable") && s.describe().contains("cached Setup 00002"));
+        // It comes back with another Setup: the background refresh finds it.
+        which.store(0, Ordering::SeqCst);
+        let cm = fake_cm(port, which.clone()).await;
+        tokio::time::timeout(Duration::from_secs(3), async {
+            while !s.cm_is_up() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the CM is noticed again");
+        assert_eq!(names(s.current().await), ["Device A"]);
+        // The CM with no Setup loaded: that is the answer (empty tables), not the cache.
+        which.store(2, Ordering::SeqCst);
+        assert!(s.current().await.is_none());
+        assert!(s.describe().contains("no Setup loaded"), "{}", s.describe());
+        cm.abort();
+    }
+
+    #[tokio::test]
+    async fn without_cm_and_cache_the_local_setup_else_nothing() {
+        let dir = std::env::temp_dir().join(format!("procman-cm-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("setup.yaml");
+        std::fs::write(
+            &file,
+            "Setup:\n  x:\n    device: class//egse.dummy.DummyProxy\n    device_name: Local Device\n",
+        )
+        .unwrap();
+        let s = source(free_port(), Some(file));
+        assert_eq!(names(s.current().await), ["Local Device"]);
+        assert!(s.describe().contains("local Setup file"), "{}", s.describe());
+        let none = source(free_port(), None);
+        assert!(none.current().await.is_none());
+        assert!(none.describe().contains("no Setup"), "{}", none.describe());
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn reply_parsing() {
+        let f = parse_get_setup_reply(&setup_value("00007", &[("a", "A")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.setup_id.as_deref(), Some("00007"));
+        assert!(parse_get_setup_reply(&crate::protocol::failure(
+            "No Setup was loaded on the Configuration Manager."
+        ))
+        .unwrap()
+        .is_none());
+        assert!(matches!(
+            parse_get_setup_reply(&crate::protocol::failure("Loading Setup: boom")),
+            Err(ConfmanError::Failure(_))
+        ));
+        assert!(matches!(
+            parse_get_setup_reply(&Value::Int(3)),
+            Err(ConfmanError::NotASetup(_))
+        ));
+    }
+}

@@ -124,7 +124,7 @@ pub fn unregister_request(origin: &str) -> Value {
 }
 
 /// `Ok(message)` for an `egse.response.Success`, `Err(message)` for anything else.
-fn success_message(reply: &Value) -> Result<String, String> {
+pub fn success_message(reply: &Value) -> Result<String, String> {
     if let Some(m) = crate::protocol::failure_message(reply) {
         return Err(m);
     }
