@@ -570,10 +570,19 @@ impl Registration {
     }
 }
 
+/// How long `started()` waits for the first registration attempt: long enough for a registry that answers
+/// (a few ms), so the "listening" log line normally comes after the registration; short enough that a hung
+/// registry does not delay the daemon (a refused connection fails at once anyway).
+const FIRST_ATTEMPT_WAIT: Duration = Duration::from_millis(250);
+
 impl Lifecycle for Registration {
     fn started(&self, ports: Ports) -> HookFuture<'_> {
+        let mut rx = self.state.subscribe();
         self.start(ports);
-        Box::pin(async {})
+        Box::pin(async move {
+            let first = rx.wait_for(|s| !matches!(s, RegistrationState::NotStarted));
+            let _ = tokio::time::timeout(FIRST_ATTEMPT_WAIT.min(self.config.timeout), first).await;
+        })
     }
 
     fn stopping(&self) -> HookFuture<'_> {
@@ -1150,7 +1159,12 @@ mod tests {
         let dir = tempdir();
         let reg = Registration::new(config(&settings, dir.join("id")));
         let mut rx = reg.subscribe();
+        let t0 = Instant::now();
         reg.started(PORTS).await;
+        assert!(
+            t0.elapsed() < Duration::from_millis(100),
+            "no registry: started() returns at once"
+        );
         let s = wait_for(
             &mut rx,
             Duration::from_secs(3),

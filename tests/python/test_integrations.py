@@ -332,7 +332,7 @@ def test_starts_without_registry_and_registers_when_it_appears(site_zero: CgseEn
 def test_device_lists_equal_the_original_pm(tmp_path: Path) -> None:
     setups = {0: refenv.zero_setup_yaml(), 1: refenv.example_setup_yaml(), 2: RICH_SETUP}
     with CgseEnv(tmp_path / "site", setups=setups, setup_id=2) as site:
-        site.start_core(("registry", "sm", "cm"))
+        site.start_core(("registry", "nh", "sm", "cm"))
         original = site.start("pm")
         expected = device_lists(site)
         original.stop()
@@ -354,6 +354,8 @@ def test_device_lists_equal_the_original_pm(tmp_path: Path) -> None:
             )
             got1 = device_lists(site)
             assert sorted(got1["devices"]) == ["AEU PSU1", "AEU cRIO", "Dummy Device", "PUNA Hexapod"], got1
+            # cm_cs announced it on the Notify Hub, and we heard it.
+            wait_for(lambda: "new Setup announced by the Notify Hub" in ours.log_text(), 10, "the new_setup event")
 
             # The CM goes away: answers come at once, from the cached Setup, and the log says so.
             site.get("cm").stop()
