@@ -588,6 +588,10 @@ impl Lifecycle for Registration {
     fn stopping(&self) -> HookFuture<'_> {
         Box::pin(self.stop())
     }
+
+    fn describe(&self) -> Option<String> {
+        Some(format!("Service Registry: {}", self.state()))
+    }
 }
 
 /// The background task behind [`Registration`].
