@@ -12,6 +12,7 @@ peers up and down). Without the reference venv or outside a namespace the tests 
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import itertools
 import os
@@ -483,25 +484,39 @@ def test_registry_killed_and_restarted(site_zero: CgseEnv) -> None:
             time.sleep(0.2)
         assert figures(lat)["max_ms"] < 100, figures(lat)
         assert "registry heartbeat failed" in ours.log_text()
-        t0 = time.monotonic()
+        w0 = time.time()
         registry.start()
         rec2 = ours.wait_registered(timeout=11)
-        took = time.monotonic() - t0
-        print(f"\n[figure] registry down for 12 s, restarted empty: registered again after {took:.2f} s")
-        assert took < 10, "within one heartbeat period (ttl 30 s / 3)"
+        took = registered_at(ours) - w0
+        print(f"\n[figure] registry down for 12 s, restarted empty: registered again {took:.2f} s after its start")
+        assert took < 3, "the daemon retries every second while the registry is away"
         assert rec2["id"] == rec["id"] and rec2["port"] == port
 
-        # A short outage that a heartbeat does not even see: the restarted (empty) registry has us back within
-        # one heartbeat period.
+        # A short outage that no heartbeat sees: the next heartbeat finds the restarted (empty) registry without
+        # our record and registers again at once: at most one heartbeat period (ttl 30 s / 3) after the last
+        # heartbeat, which came before the kill, so within one period of the restart.
+        last_beat = registered_at(ours)
         registry.kill()
         for f in site.run_dir.glob("service_registry.db*"):
             f.unlink()
-        t0 = time.monotonic()
+        w0 = time.time()
         registry.start()
         ours.wait_registered(timeout=12)
-        took = time.monotonic() - t0
-        print(f"[figure] registry restarted empty between two heartbeats: registered again after {took:.2f} s")
-        assert took < 10.5, "the next heartbeat (at most 10 s after the last) finds the record gone"
+        at = registered_at(ours)
+        print(
+            f"[figure] registry restarted empty between two heartbeats: registered again {at - w0:.2f} s after its "
+            f"start, {at - last_beat:.2f} s after the last heartbeat"
+        )
+        assert at - last_beat < 10.5
+
+
+def registered_at(ours: Ours) -> float:
+    """Wall-clock time of the daemon's last "registered with the Service Registry" log line."""
+    lines = [line for line in ours.log_text().splitlines() if "registered with the Service Registry" in line]
+    assert lines, ours.logs()
+    stamp = re.sub(r"\x1b\[[0-9;]*m", "", lines[-1]).split()[0]  # 2026-11-26T14:11:49.899272Z
+    whole, frac = stamp.rstrip("Z").split(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float("0." + frac)
 
 
 @pytest.mark.timeout(120)
