@@ -26,7 +26,19 @@ pub enum ClientError {
 impl ClientError {
     /// True when the server did not answer (down, unreachable or too slow).
     pub fn is_timeout(&self) -> bool {
-        matches!(self, ClientError::Transport(TransportError::Timeout { .. }))
+        matches!(
+            self,
+            ClientError::Transport(TransportError::Timeout { .. } | TransportError::Connect { .. })
+        )
+    }
+
+    /// True when the request may have reached the server although no usable reply came back.
+    pub fn maybe_delivered(&self) -> bool {
+        match self {
+            ClientError::Transport(t) => t.maybe_delivered(),
+            ClientError::Decode { .. } | ClientError::Unexpected { .. } => true,
+            ClientError::NoSuchCommand { .. } => false,
+        }
     }
 }
 
@@ -71,6 +83,16 @@ impl ControlClient {
 
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+    }
+
+    /// Bound the connection phase separately, so that a peer that is down costs little.
+    pub fn set_connect_timeout(&mut self, limit: Duration) {
+        self.req.set_connect_timeout(limit);
+    }
+
+    /// Fail at once when nothing listens (for callers that retry on their own).
+    pub fn set_refused_is_final(&mut self, yes: bool) {
+        self.req.set_refused_is_final(yes);
     }
 
     /// True while the underlying socket is kept (after a failure it is dropped and recreated).

@@ -480,6 +480,57 @@ impl RegistrySettings {
     }
 }
 
+/// Timeouts and periods of the core-service integrations (group `Procman`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntegrationSettings {
+    /// Registry request timeout (the original waits 0.5 s; a busy registry on a loaded host needs more).
+    pub registry_timeout: Duration,
+    /// Storage / Configuration Manager reply timeout.
+    pub peer_timeout: Duration,
+    /// Connection bound for those peers: a peer that is down costs this, not the reply timeout.
+    pub peer_connect_timeout: Duration,
+    /// How often the Setup is re-read from the Configuration Manager in the background (and retried
+    /// while it is down).
+    pub setup_refresh: Duration,
+}
+
+impl IntegrationSettings {
+    pub fn from_settings(s: &Settings) -> Result<IntegrationSettings, ConfigError> {
+        let g = PROCMAN_GROUP;
+        let positive = |key: &str| -> Result<Duration, ConfigError> {
+            let d = s.seconds(g, key)?;
+            if d.is_zero() {
+                return Err(s.bad(g, key, "is 0, expected a duration > 0 seconds".into()));
+            }
+            Ok(d)
+        };
+        Ok(IntegrationSettings {
+            registry_timeout: positive("REGISTRY_TIMEOUT")?,
+            peer_timeout: positive("PEER_TIMEOUT")?,
+            peer_connect_timeout: positive("PEER_CONNECT_TIMEOUT")?,
+            setup_refresh: positive("SETUP_REFRESH")?,
+        })
+    }
+}
+
+/// Where the Notify Hub publishes its events (`new_setup` among them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotifyHubSettings {
+    pub hostname: String,
+    /// 0 = do not subscribe.
+    pub publisher_port: u16,
+}
+
+impl NotifyHubSettings {
+    pub fn from_settings(s: &Settings) -> Result<NotifyHubSettings, ConfigError> {
+        let g = "Notify Hub";
+        Ok(NotifyHubSettings {
+            hostname: s.string_or(g, "HOSTNAME", "localhost")?,
+            publisher_port: s.port_or(g, "PUBLISHER_PORT", 0)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,6 +553,9 @@ mod tests {
         assert_eq!(pm.monitoring_delay, Duration::from_secs(1));
         let p = ProcmanSettings::from_settings(&s).unwrap();
         assert_eq!(p.limits, crate::codec::Limits::default());
+        let i = IntegrationSettings::from_settings(&s).unwrap();
+        assert!(i.peer_connect_timeout < i.peer_timeout);
+        assert_eq!(NotifyHubSettings::from_settings(&s).unwrap().publisher_port, 6126);
         assert_eq!(p.housekeeping_period, Duration::from_secs(10));
     }
 

@@ -200,9 +200,11 @@ impl Controller {
 
     async fn find_device(&self, device_id: &str) -> Option<Device> {
         let setup = self.setup.current().await?;
+        // As `find_device_ids`: every device node counts, and a later one with the same id wins.
         setup
-            .devices()
+            .device_nodes()
             .into_iter()
+            .rev()
             .find(|d| d.id_text().as_deref() == Some(device_id))
     }
 
@@ -427,7 +429,7 @@ impl Controller {
                     .setup
                     .current()
                     .await
-                    .map(|n| device_ids_reply(&n.devices()))
+                    .map(|n| device_ids_reply(&n.device_nodes()))
                     .unwrap_or(Value::Dict(vec![])))
             }
             "start_process" => {

@@ -120,6 +120,10 @@ pub trait Lifecycle: Send + Sync {
     fn started(&self, ports: Ports) -> HookFuture<'_>;
     /// Called during the orderly shutdown, after the last reply; bounded by the shutdown timeout.
     fn stopping(&self) -> HookFuture<'_>;
+    /// Where this integration stands now (e.g. "registered as …"), for logs and status; None = nothing to say.
+    fn describe(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The seams the other layers plug into.
@@ -265,6 +269,7 @@ pub async fn start(
         service = ports.service,
         bind = %addr,
         storage = %storage.describe(),
+        lifecycle = %lifecycle.iter().filter_map(|h| h.describe()).collect::<Vec<_>>().join("; "),
         "Process Manager control server listening (commanding tcp://{addr}:{}, monitoring tcp://{addr}:{}, service tcp://{addr}:{})",
         ports.commanding,
         ports.monitoring,

@@ -122,6 +122,14 @@ impl Node {
         out
     }
 
+    /// Every device node in walk order, duplicates included: `Setup.find_device_ids` walks these (keyed by
+    /// id, so a device whose name a later one reuses still has its id entry).
+    pub fn device_nodes(&self) -> Vec<Device> {
+        let mut out = Vec::new();
+        walk(self, &mut |d| out.push(d));
+        out
+    }
+
     fn get(&self, key: &str) -> Option<&Node> {
         match self {
             Node::Map(items) => items.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v),
@@ -185,6 +193,7 @@ pub fn devices_reply(devices: &[Device]) -> Value {
 }
 
 /// `get_device_ids` reply: `{device_id: (device_name, device, device_args)}` for devices with an id.
+/// Give it [`Node::device_nodes`]: the name-deduplicated [`Node::devices`] would lose ids.
 pub fn device_ids_reply(devices: &[Device]) -> Value {
     let mut items: Vec<(Value, Value)> = Vec::new();
     for d in devices {
@@ -238,11 +247,14 @@ fn node_value(n: &Node) -> Value {
     }
 }
 
+/// What [`SetupSource::current`] returns.
+pub type SetupFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<std::sync::Arc<Node>>> + Send + 'a>>;
+
 /// Where the current Setup comes from: the Configuration Manager (with a cache), or a local file.
 pub trait SetupSource: Send + Sync {
     /// The current Setup; `None` when no source has one (the device tables are then empty).
-    fn current(&self)
-        -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<std::sync::Arc<Node>>> + Send + '_>>;
+    fn current(&self) -> SetupFuture<'_>;
     /// Where the Setup comes from now, for logs and status.
     fn describe(&self) -> String;
 }
@@ -428,6 +440,28 @@ Setup:
         let keys: Vec<_> = ids.iter().map(|(k, _)| k.as_str().unwrap()).collect();
         assert_eq!(keys, ["DUMMY_01", "PUNA_01", "AEU_PSU1"]);
         assert_eq!(devices[0].class_path(), Some("egse.dummy.DummyProxy"));
+    }
+
+    #[test]
+    fn ids_come_from_every_device_node_even_a_renamed_one() {
+        let yaml = "Setup:\n  a:\n    device: class//x.A\n    device_name: Same\n    device_id: A_01\n  b:\n    device: class//x.B\n    device_name: Same\n    device_id: B_01\n  c:\n    device: class//x.C\n    device_name: Other\n    device_id: A_01\n";
+        let n = Node::from_yaml(yaml, "dup").unwrap();
+        let names: Vec<_> = n.devices().iter().map(|d| d.name.clone()).collect();
+        assert_eq!(names, ["Same", "Other"]);
+        let Value::Dict(ids) = device_ids_reply(&n.device_nodes()) else {
+            panic!()
+        };
+        // A_01 keeps its first position and takes the later node's value, as a Python dict does.
+        let keys: Vec<_> = ids.iter().map(|(k, _)| k.as_str().unwrap()).collect();
+        assert_eq!(keys, ["A_01", "B_01"]);
+        assert_eq!(
+            ids[0].1,
+            Value::Tuple(vec![
+                Value::str("Other"),
+                Value::str("class//x.C"),
+                Value::Tuple(vec![])
+            ])
+        );
     }
 
     #[test]

@@ -109,32 +109,59 @@ impl LocalCsv {
         &self.data_location
     }
 
-    /// Append one record (creating the folder, and the header for a new file). Columns are those of the
-    /// registration, like the Storage Manager: missing values are empty, extra ones are dropped.
-    pub fn append(&self, record: &HkRecord) -> std::io::Result<PathBuf> {
+    /// The columns in force: those of the registration, else the record's own.
+    fn columns_for(&self, record: &HkRecord) -> Vec<String> {
+        let mut c = self.columns.lock().unwrap_or_else(|e| e.into_inner());
+        c.get_or_insert_with(|| record.columns()).clone()
+    }
+
+    /// Use these columns from now on (what a registration does).
+    pub fn set_columns(&self, columns: Vec<String>) {
+        *self.columns.lock().unwrap_or_else(|e| e.into_inner()) = Some(columns);
+    }
+
+    /// The daily file of the record and its row, CRLF included, exactly as the Storage Manager writes it.
+    pub fn row(&self, record: &HkRecord) -> (PathBuf, String) {
         let path = daily_file(&self.data_location, &self.site_id, &self.origin, record.when);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let columns = {
-            let mut c = self.columns.lock().unwrap_or_else(|e| e.into_inner());
-            c.get_or_insert_with(|| record.columns()).clone()
-        };
-        let new_file = !path.exists();
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-        let mut text = String::new();
-        if new_file {
-            text.push_str(&csv_line(columns.iter().cloned()));
-        }
-        let values = columns.iter().map(|c| {
+        let values = self.columns_for(record).into_iter().map(|c| {
             record
                 .fields
                 .iter()
-                .find(|(k, _)| k == c)
+                .find(|(k, _)| *k == c)
                 .map(|(_, v)| v.csv_text())
                 .unwrap_or_default()
         });
-        text.push_str(&csv_line(values));
+        (path, csv_line(values))
+    }
+
+    /// Whether the record's row is already in its daily file (written by us or by the Storage Manager).
+    pub fn contains(&self, record: &HkRecord) -> std::io::Result<bool> {
+        let (path, row) = self.row(record);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(bytes
+                .split_inclusive(|b| *b == b'\n')
+                .any(|line| line == row.as_bytes())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Append one record (creating the folder, and the header for a new or empty file). Columns are those
+    /// of the registration, like the Storage Manager: missing values are empty, extra ones are dropped.
+    pub fn append(&self, record: &HkRecord) -> std::io::Result<PathBuf> {
+        let (path, row) = self.row(record);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let columns = self.columns_for(record);
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        // Empty counts as new: a Storage Manager killed right after registering leaves an empty file.
+        let new_file = f.metadata()?.len() == 0;
+        let mut text = String::new();
+        if new_file {
+            text.push_str(&csv_line(columns));
+        }
+        text.push_str(&row);
         f.write_all(text.as_bytes())?;
         Ok(path)
     }
@@ -143,8 +170,7 @@ impl LocalCsv {
 impl HousekeepingSink for LocalCsv {
     fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, String>> {
         Box::pin(async move {
-            let mut c = self.columns.lock().unwrap_or_else(|e| e.into_inner());
-            *c = Some(columns);
+            self.set_columns(columns);
             Ok(format!(
                 "Housekeeping of {} goes to the local CSV files under {}",
                 self.origin,
@@ -197,6 +223,8 @@ mod tests {
         let path = csv.append(&rec(HkValue::Int(13))).unwrap();
         csv.append(&rec(HkValue::Str("a,b".into()))).unwrap();
         csv.append(&rec(HkValue::None)).unwrap();
+        assert!(csv.contains(&rec(HkValue::Int(13))).unwrap());
+        assert!(!csv.contains(&rec(HkValue::Int(14))).unwrap());
         assert_eq!(path, dir.join("daily/20261126/20261126_LAB42_PM.csv"));
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(

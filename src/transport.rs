@@ -30,8 +30,25 @@ pub enum TransportError {
     Zmq { endpoint: String, reason: String },
     #[error("no reply from {endpoint} within {timeout:?}")]
     Timeout { endpoint: String, timeout: Duration },
+    /// No connection could be made: nothing was sent.
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
+    /// The request could not be handed to the socket: nothing was sent.
+    #[error("cannot send to {endpoint}: {reason}")]
+    Send { endpoint: String, reason: String },
     #[error("reply from {endpoint} has {frames} frames, expected 1")]
     Frames { endpoint: String, frames: usize },
+}
+
+impl TransportError {
+    /// True when the request may have reached the peer (it was sent; the reply is missing or bad).
+    /// A peer that stores what it receives may then have stored it.
+    pub fn maybe_delivered(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Timeout { .. } | TransportError::Zmq { .. } | TransportError::Frames { .. }
+        )
+    }
 }
 
 /// The address a server socket binds: CGSE's `*` means every interface.
@@ -135,11 +152,55 @@ pub fn client_endpoint(protocol: &str, host: &str, port: u16) -> Result<String, 
     })
 }
 
+/// Connect a client socket within `limit`; any failure means nothing was sent.
+///
+/// With `refused_is_final`, a plain TCP connect goes first and a refused connection fails at once:
+/// zmq.rs would keep retrying until `limit`, so a peer that is simply not running would cost the whole
+/// bound on every attempt. Callers that retry on their own (the core-service clients) want that.
+async fn connect_within<S: Socket>(
+    mut socket: S,
+    endpoint: &str,
+    limit: Duration,
+    refused_is_final: bool,
+) -> Result<S, TransportError> {
+    let failed = |reason: String| TransportError::Connect {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
+    if refused_is_final {
+        if let Some(addr) = endpoint.strip_prefix("tcp://") {
+            let addr = addr.trim_start_matches('[').replacen("]:", ":", 1);
+            if let Ok(Err(e)) = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr.as_str())).await {
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    return Err(failed(format!("connection refused ({e})")));
+                }
+            }
+        }
+    }
+    match tokio::time::timeout(limit, socket.connect(endpoint)).await {
+        Ok(Ok(())) => Ok(socket),
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Err(_) => Err(failed(format!("no connection within {limit:?}"))),
+    }
+}
+
+fn socket_options(connect_limit: Duration) -> zeromq::SocketOptions {
+    let mut opts = zeromq::SocketOptions::default();
+    opts.connect_timeout(connect_limit);
+    opts
+}
+
 /// A REQ client that survives a dead or restarted server: after any error or timeout the socket is
 /// dropped and the next request connects afresh, so a late reply can never answer the wrong request.
+///
+/// Connecting has its own, usually shorter, bound ([`ReqClient::set_connect_timeout`]): zmq.rs retries a
+/// refused connection until its connect timeout, so a dead peer would otherwise cost the whole request
+/// timeout. A connect failure is [`TransportError::Connect`]: the request was certainly not sent.
 pub struct ReqClient {
     endpoint: String,
     socket: Option<zeromq::ReqSocket>,
+    connect_timeout: Option<Duration>,
+    refused_is_final: bool,
 }
 
 impl ReqClient {
@@ -147,11 +208,23 @@ impl ReqClient {
         ReqClient {
             endpoint: endpoint.into(),
             socket: None,
+            connect_timeout: None,
+            refused_is_final: false,
         }
+    }
+
+    /// Fail at once when nothing listens, instead of retrying until the connect bound.
+    pub fn set_refused_is_final(&mut self, yes: bool) {
+        self.refused_is_final = yes;
     }
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Bound the connection phase separately (default: the request timeout).
+    pub fn set_connect_timeout(&mut self, limit: Duration) {
+        self.connect_timeout = Some(limit);
     }
 
     /// True while a connected socket is kept.
@@ -166,47 +239,48 @@ impl ReqClient {
 
     /// Send one frame and wait for one frame, all within `timeout` (connecting included).
     pub async fn request(&mut self, payload: Vec<u8>, timeout: Duration) -> Result<Bytes, TransportError> {
+        let started = std::time::Instant::now();
+        let socket = match self.socket.take() {
+            Some(s) => s,
+            None => {
+                let limit = self.connect_timeout.unwrap_or(timeout).min(timeout);
+                let s = zeromq::ReqSocket::with_options(socket_options(limit));
+                connect_within(s, &self.endpoint, limit, self.refused_is_final).await?
+            }
+        };
+        let remaining = timeout.saturating_sub(started.elapsed());
         let endpoint = self.endpoint.clone();
-        match tokio::time::timeout(timeout, self.request_inner(payload, timeout)).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(e)) => {
-                self.socket = None;
-                Err(e)
+        let mut socket = socket;
+        match tokio::time::timeout(remaining, Self::exchange(&mut socket, &endpoint, payload)).await {
+            Ok(Ok(reply)) => {
+                self.socket = Some(socket);
+                Ok(reply)
             }
-            Err(_) => {
-                self.socket = None;
-                Err(TransportError::Timeout { endpoint, timeout })
-            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(TransportError::Timeout { endpoint, timeout }),
         }
     }
 
-    async fn request_inner(&mut self, payload: Vec<u8>, timeout: Duration) -> Result<Bytes, TransportError> {
-        let zerr = |endpoint: &str, e: zeromq::ZmqError| TransportError::Zmq {
-            endpoint: endpoint.to_owned(),
-            reason: e.to_string(),
-        };
-        if self.socket.is_none() {
-            let mut opts = zeromq::SocketOptions::default();
-            opts.connect_timeout(timeout);
-            let mut s = zeromq::ReqSocket::with_options(opts);
-            s.connect(&self.endpoint).await.map_err(|e| zerr(&self.endpoint, e))?;
-            self.socket = Some(s);
-        }
-        let Some(socket) = self.socket.as_mut() else {
-            return Err(TransportError::Zmq {
-                endpoint: self.endpoint.clone(),
-                reason: "not connected".into(),
-            });
-        };
+    async fn exchange(
+        socket: &mut zeromq::ReqSocket,
+        endpoint: &str,
+        payload: Vec<u8>,
+    ) -> Result<Bytes, TransportError> {
         socket
             .send(ZmqMessage::from(payload))
             .await
-            .map_err(|e| zerr(&self.endpoint, e))?;
-        let reply = socket.recv().await.map_err(|e| zerr(&self.endpoint, e))?;
+            .map_err(|e| TransportError::Send {
+                endpoint: endpoint.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let reply = socket.recv().await.map_err(|e| TransportError::Zmq {
+            endpoint: endpoint.to_owned(),
+            reason: e.to_string(),
+        })?;
         let mut parts = reply.into_vec();
         if parts.len() != 1 {
             return Err(TransportError::Frames {
-                endpoint: self.endpoint.clone(),
+                endpoint: endpoint.to_owned(),
                 frames: parts.len(),
             });
         }
@@ -215,10 +289,14 @@ impl ReqClient {
 }
 
 /// A DEALER client for JSON request/reply peers (the Service Registry), with the same reset-on-failure
-/// discipline as [`ReqClient`].
+/// discipline as [`ReqClient`]. The registry's replies carry no request id, so correlation is by
+/// construction: the socket is dropped after any error or timeout (a late reply dies with it), and
+/// anything already waiting on a kept socket is discarded before the next request is sent.
 pub struct DealerClient {
     endpoint: String,
     socket: Option<zeromq::DealerSocket>,
+    connect_timeout: Option<Duration>,
+    refused_is_final: bool,
 }
 
 impl DealerClient {
@@ -226,11 +304,23 @@ impl DealerClient {
         DealerClient {
             endpoint: endpoint.into(),
             socket: None,
+            connect_timeout: None,
+            refused_is_final: false,
         }
+    }
+
+    /// Fail at once when nothing listens, instead of retrying until the connect bound.
+    pub fn set_refused_is_final(&mut self, yes: bool) {
+        self.refused_is_final = yes;
     }
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Bound the connection phase separately (default: the request timeout).
+    pub fn set_connect_timeout(&mut self, limit: Duration) {
+        self.connect_timeout = Some(limit);
     }
 
     pub fn reset(&mut self) {
@@ -239,45 +329,81 @@ impl DealerClient {
 
     /// Send `frames` and wait for one multi-frame reply within `timeout`.
     pub async fn request(&mut self, frames: Vec<Bytes>, timeout: Duration) -> Result<Vec<Bytes>, TransportError> {
+        let started = std::time::Instant::now();
         let endpoint = self.endpoint.clone();
-        let result = tokio::time::timeout(timeout, async {
-            let zerr = |e: zeromq::ZmqError| TransportError::Zmq {
+        let msg = ZmqMessage::try_from(frames).map_err(|_| TransportError::Send {
+            endpoint: endpoint.clone(),
+            reason: "empty message".into(),
+        })?;
+        let mut socket = match self.socket.take() {
+            Some(mut s) => {
+                // Stale replies (there should be none: we drop the socket after a timeout) are discarded.
+                while let Some(Ok(_)) = futures_util::FutureExt::now_or_never(s.recv()) {}
+                s
+            }
+            None => {
+                let limit = self.connect_timeout.unwrap_or(timeout).min(timeout);
+                let s = zeromq::DealerSocket::with_options(socket_options(limit));
+                connect_within(s, &endpoint, limit, self.refused_is_final).await?
+            }
+        };
+        let remaining = timeout.saturating_sub(started.elapsed());
+        let exchange = async {
+            socket.send(msg).await.map_err(|e| TransportError::Send {
                 endpoint: endpoint.clone(),
                 reason: e.to_string(),
-            };
-            if self.socket.is_none() {
-                let mut opts = zeromq::SocketOptions::default();
-                opts.connect_timeout(timeout);
-                let mut s = zeromq::DealerSocket::with_options(opts);
-                s.connect(&endpoint).await.map_err(zerr)?;
-                self.socket = Some(s);
-            }
-            let Some(socket) = self.socket.as_mut() else {
-                return Err(TransportError::Zmq {
-                    endpoint: endpoint.clone(),
-                    reason: "not connected".into(),
-                });
-            };
-            let msg = ZmqMessage::try_from(frames).map_err(|_| TransportError::Zmq {
-                endpoint: endpoint.clone(),
-                reason: "empty message".into(),
             })?;
-            socket.send(msg).await.map_err(zerr)?;
-            let reply = socket.recv().await.map_err(zerr)?;
+            let reply = socket.recv().await.map_err(|e| TransportError::Zmq {
+                endpoint: endpoint.clone(),
+                reason: e.to_string(),
+            })?;
             Ok(reply.into_vec())
-        })
-        .await;
-        match result {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => {
-                self.socket = None;
-                Err(e)
+        };
+        match tokio::time::timeout(remaining, exchange).await {
+            Ok(Ok(r)) => {
+                self.socket = Some(socket);
+                Ok(r)
             }
-            Err(_) => {
-                self.socket = None;
-                Err(TransportError::Timeout { endpoint, timeout })
-            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(TransportError::Timeout { endpoint, timeout }),
         }
+    }
+}
+
+/// A SUB socket subscribed to some topics (the Notify Hub's events). zmq.rs reconnects a SUB socket by
+/// itself once the first connection was made; the first connection needs the publisher to be up.
+pub struct Subscriber {
+    endpoint: String,
+    socket: zeromq::SubSocket,
+}
+
+impl Subscriber {
+    /// Connect to `endpoint` within `limit` and subscribe to each topic prefix.
+    pub async fn connect(endpoint: &str, topics: &[&str], limit: Duration) -> Result<Subscriber, TransportError> {
+        let s = zeromq::SubSocket::with_options(socket_options(limit));
+        let mut socket = connect_within(s, endpoint, limit, false).await?;
+        for t in topics {
+            socket.subscribe(t).await.map_err(|e| TransportError::Zmq {
+                endpoint: endpoint.to_owned(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(Subscriber {
+            endpoint: endpoint.to_owned(),
+            socket,
+        })
+    }
+
+    /// The next message, as frames.
+    pub async fn recv(&mut self) -> Result<Vec<Bytes>, TransportError> {
+        self.socket
+            .recv()
+            .await
+            .map(ZmqMessage::into_vec)
+            .map_err(|e| TransportError::Zmq {
+                endpoint: self.endpoint.clone(),
+                reason: e.to_string(),
+            })
     }
 }
 
@@ -333,5 +459,35 @@ mod tests {
         };
         let (r, _) = tokio::join!(c.request(b"two".to_vec(), Duration::from_secs(2)), server);
         assert_eq!(r.unwrap().as_ref(), b"reply-two");
+    }
+
+    #[tokio::test]
+    async fn dealer_client_drops_late_and_extra_replies() {
+        let (mut router, port) = bind_router("tcp", "127.0.0.1", 0, "req").await.unwrap();
+        let mut c = DealerClient::new(format!("tcp://127.0.0.1:{port}"));
+        let answer = |f: &[Bytes], text: &'static str| {
+            ZmqMessage::try_from(vec![f[0].clone(), Bytes::from_static(text.as_bytes())]).unwrap()
+        };
+        let t = Duration::from_millis(300);
+        // Too late: the client gave up and dropped the socket, the reply goes nowhere.
+        let (r, first) = tokio::join!(c.request(vec![Bytes::from_static(b"one")], t), async {
+            router.recv().await.unwrap().into_vec()
+        });
+        assert!(matches!(r, Err(TransportError::Timeout { .. })));
+        let _ = router.send(answer(&first, "late-one")).await;
+        // Answered twice on a kept socket: the extra reply is drained before the next request.
+        let (r, _) = tokio::join!(c.request(vec![Bytes::from_static(b"two")], t), async {
+            let f = router.recv().await.unwrap().into_vec();
+            router.send(answer(&f, "two")).await.unwrap();
+            router.send(answer(&f, "two-again")).await.unwrap();
+        });
+        assert_eq!(r.unwrap(), [Bytes::from_static(b"two")]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (r, _) = tokio::join!(c.request(vec![Bytes::from_static(b"three")], t), async {
+            let f = router.recv().await.unwrap().into_vec();
+            assert_eq!(f.last().unwrap().as_ref(), b"three");
+            router.send(answer(&f, "three")).await.unwrap();
+        });
+        assert_eq!(r.unwrap(), [Bytes::from_static(b"three")]);
     }
 }

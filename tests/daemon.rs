@@ -14,19 +14,32 @@ use zeromq::{Socket, SocketRecv};
 
 const T: Duration = Duration::from_secs(5);
 
+/// No CGSE peers in these tests: their ports point at port 1 on loopback, where nothing listens, so the
+/// daemon runs on its embedded defaults and never talks to services of the host.
+const PEERS: &str =
+    "Service Registry:\n    HOSTNAME: 127.0.0.1\n    REQUESTER_PORT: 1\n    HEARTBEAT_PORT: 1\n    PUBLISHER_PORT: 1\n\
+    Storage Manager Control Server:\n    HOSTNAME: 127.0.0.1\n    COMMANDING_PORT: 1\n\
+    Configuration Manager Control Server:\n    HOSTNAME: 127.0.0.1\n    COMMANDING_PORT: 1\n\
+    Notify Hub:\n    HOSTNAME: 127.0.0.1\n    PUBLISHER_PORT: 1\n";
+
 fn tempdir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("procman-it-{tag}-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
+/// zmq.rs's maximum message size is process-wide and every `daemon::start` sets it: the test that
+/// depends on it holds this exclusively, every start holds it shared.
+static FRAME_LIMIT: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A daemon on 127.0.0.1 with ports 0, its state under a temp dir, and `extra` settings YAML.
 async fn start(extra: &str) -> (RunningDaemon, std::path::PathBuf) {
+    let _limit = FRAME_LIMIT.read().await;
     let dir = tempdir("d");
     let mut s = Settings::defaults().unwrap();
     let yaml = format!(
         "Process Manager Control Server:\n    COMMANDING_PORT: 0\n    MONITORING_PORT: 0\n    SERVICE_PORT: 0\n\
-         Procman:\n    BIND_ADDRESS: 127.0.0.1\n    STATE_DIR: {}\n    STOP_CHILDREN_ON_EXIT: true\n{extra}",
+         {PEERS}Procman:\n    BIND_ADDRESS: 127.0.0.1\n    STATE_DIR: {}\n    STOP_CHILDREN_ON_EXIT: true\n{extra}",
         dir.display()
     );
     s.merge_yaml(&yaml, "test").unwrap();
@@ -113,6 +126,9 @@ async fn builtins_and_tables() {
 async fn bad_input_gets_a_failure_and_the_daemon_keeps_serving() {
     // A small frame limit so that "over the limit" is cheap to send.
     let (d, _dir) = start("    MAX_FRAME_BYTES: 1048576\n").await;
+    // No other daemon may start (and raise the process-wide transport limit) while we rely on it.
+    let _limit = FRAME_LIMIT.write().await;
+    zeromq::limits::set_max_message_size(2 * 1048576);
     let port = d.ports.commanding;
     let mut c = cmd_client(&d);
     let ping = codec::encode(&Value::str("Ping"));
