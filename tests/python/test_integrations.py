@@ -159,10 +159,12 @@ def our_cli(site: CgseEnv, *args: str) -> subprocess.CompletedProcess[str]:
 
 def set_hk_frequency(site: CgseEnv, service_port: int, freq: float) -> float:
     """The original ``ServiceProxy.set_hk_frequency`` against our service port; the new period in ms."""
-    return site.run_json(
-        "from egse.services import ServiceProxy\n"
-        f"with ServiceProxy(hostname='localhost', port={service_port}) as sp:\n"
-        f"    emit(sp.set_hk_frequency({freq}))\n"
+    return float(
+        site.run_json(
+            "from egse.services import ServiceProxy\n"
+            f"with ServiceProxy(hostname='localhost', port={service_port}) as sp:\n"
+            f"    emit(sp.set_hk_frequency({freq}))\n"
+        )
     )
 
 
@@ -207,7 +209,7 @@ def ping_latencies(port: int, n: int) -> list[float]:
     """``n`` round trips of a pickled ``Ping`` on one REQ socket, in milliseconds."""
     import pickle
 
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"tcp://127.0.0.1:{port}")
