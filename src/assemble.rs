@@ -235,13 +235,12 @@ pub async fn integrations(config: &DaemonConfig) -> Result<Integrations, DaemonE
     let state_dir = config.state_dir().join("supervisor");
     let log_dir = config.log_location().join("procman");
     let (ev_tx, mut ev_rx) = mpsc::channel(4096);
-    let supervisor = Supervisor::spawn(
-        SupervisorConfig::new(&state_dir, &log_dir),
-        Vec::new(),
-        ev_tx,
-        Some(Arc::new(pinger.clone())),
-    )
-    .map_err(|e| DaemonError::Setup(format!("process supervisor: {e}")))?;
+    let mut sup_config = SupervisorConfig::new(&state_dir, &log_dir);
+    sup_config.log.max_bytes = config.procman.log_max_bytes;
+    sup_config.log.backups = config.procman.log_backups;
+    sup_config.log.tail_lines = config.procman.log_tail_lines;
+    let supervisor = Supervisor::spawn(sup_config, Vec::new(), ev_tx, Some(Arc::new(pinger.clone())))
+        .map_err(|e| DaemonError::Setup(format!("process supervisor: {e}")))?;
     info!(state = %state_dir.display(), logs = %log_dir.display(), "process supervisor ready");
     // Supervisor events become monitoring messages.
     let (out_tx, out_rx) = mpsc::channel(4096);
@@ -257,25 +256,28 @@ pub async fn integrations(config: &DaemonConfig) -> Result<Integrations, DaemonE
         config.pm.service_type.clone(),
         config.pm.process_name.clone(),
     ];
+    let setup = setup_source(config).await;
+    let storage = storage_sink(config).await;
+    let mut lifecycle = lifecycle_hooks(config).await;
     let controller = Controller::new(
         core_processes(&table),
-        setup_source(config).await,
+        setup.clone(),
         table,
         config.procman.process_table.clone(),
         supervisor.clone(),
         pinger,
         core_endpoints(config),
         self_names,
-    );
+    )
+    .with_integration_status(lifecycle.clone(), storage.clone());
     controller.define_all().await;
-    let mut lifecycle = lifecycle_hooks(config).await;
     lifecycle.push(Arc::new(SupervisorLifecycle {
         handle: supervisor.clone(),
         stop_children: config.procman.stop_children_on_exit,
     }));
     Ok(Integrations {
         commanding: Arc::new(controller),
-        storage: storage_sink(config).await,
+        storage,
         housekeeping: Housekeeping::new(sampler.clone(), Some(Arc::new(SupervisorCounts(supervisor)))),
         lifecycle,
         events: Some(out_rx),

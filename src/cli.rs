@@ -121,6 +121,17 @@ pub async fn status(settings: Option<&Path>) -> Result<u8, CliError> {
         };
         text.push_str(&format!("    {label}: {shown}\n"));
     }
+    // procman also says where its integrations stand (after the original's lines, which stay as they are).
+    if let Ok(codec::Value::Dict(items)) = c.call("get_integration_status", vec![], vec![]).await {
+        if let Some(codec::Value::Str(v)) = codec::dict_get(&items, "registry") {
+            text.push_str(&format!("    {v}\n"));
+        }
+        for (label, key) in [("Setup", "setup"), ("Housekeeping", "storage")] {
+            if let Some(codec::Value::Str(v)) = codec::dict_get(&items, key) {
+                text.push_str(&format!("    {label}: {v}\n"));
+            }
+        }
+    }
     print!("{text}");
     Ok(0)
 }

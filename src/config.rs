@@ -402,6 +402,10 @@ pub struct ProcmanSettings {
     pub process_table: Option<PathBuf>,
     /// Stop managed processes when the daemon exits (else they are re-adopted by the next daemon).
     pub stop_children_on_exit: bool,
+    /// Log rotation of managed processes: size, rotated files kept, lines kept in memory.
+    pub log_max_bytes: u64,
+    pub log_backups: u32,
+    pub log_tail_lines: usize,
 }
 
 impl ProcmanSettings {
@@ -437,6 +441,10 @@ impl ProcmanSettings {
             setup_file: opt_path("SETUP_FILE")?,
             process_table: opt_path("PROCESS_TABLE")?,
             stop_children_on_exit: s.boolean(g, "STOP_CHILDREN_ON_EXIT")?,
+            log_max_bytes: s.count(g, "LOG_MAX_BYTES")? as u64,
+            log_backups: u32::try_from(s.count(g, "LOG_BACKUPS")?)
+                .map_err(|_| s.bad(g, "LOG_BACKUPS", "is too large".into()))?,
+            log_tail_lines: s.count(g, "LOG_TAIL_LINES")?,
         })
     }
 }

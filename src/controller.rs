@@ -14,11 +14,13 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::codec::Value;
+use crate::daemon::Lifecycle;
 use crate::housekeeping::{CountProcesses, ProcessCounts};
 use crate::probe::Pinger;
 use crate::protocol::{from_json, py_repr};
 use crate::server::{Call, CommandError, Handler, HandlerFuture};
 use crate::setup::{device_ids_reply, devices_reply, Device, SetupSource};
+use crate::storage::HousekeepingSink;
 use crate::supervisor::{
     validate_cgse_cmd, DeviceSpec, ProcessDefinition, ProcessEvent, ProcessState, ProcessTable, RestartPolicy,
     SupervisorError, SupervisorHandle,
@@ -116,6 +118,9 @@ pub struct Controller {
     /// Our own service type and core-service name: asking about ourselves needs no probe.
     self_names: Vec<String>,
     origins: Mutex<HashMap<String, Origin>>,
+    /// What `get_integration_status` reports on: the lifecycle integrations (the registry) and storage.
+    lifecycle: Vec<Arc<dyn Lifecycle>>,
+    storage: Option<Arc<dyn HousekeepingSink>>,
 }
 
 /// A status record as the wire carries it.
@@ -152,7 +157,45 @@ impl Controller {
             core_endpoints,
             self_names,
             origins: Mutex::new(HashMap::new()),
+            lifecycle: Vec::new(),
+            storage: None,
         }
+    }
+
+    /// Report on these integrations in `get_integration_status`.
+    pub fn with_integration_status(
+        mut self,
+        lifecycle: Vec<Arc<dyn Lifecycle>>,
+        storage: Arc<dyn HousekeepingSink>,
+    ) -> Controller {
+        self.lifecycle = lifecycle;
+        self.storage = Some(storage);
+        self
+    }
+
+    /// Where each integration stands: registered or retrying, where the Setup and housekeeping go now.
+    fn integration_status(&self) -> Value {
+        let registry: Vec<String> = self.lifecycle.iter().filter_map(|l| l.describe()).collect();
+        let registry = if registry.is_empty() {
+            "Service Registry: not configured".to_owned()
+        } else {
+            registry.join("; ")
+        };
+        let (_, records) = self.supervisor.list();
+        Value::dict([
+            ("registry", Value::Str(registry)),
+            ("setup", Value::Str(self.setup.describe())),
+            (
+                "storage",
+                Value::Str(
+                    self.storage
+                        .as_ref()
+                        .map(|s| s.describe())
+                        .unwrap_or_else(|| "none".into()),
+                ),
+            ),
+            ("processes", Value::Int(records.len() as i64)),
+        ])
     }
 
     fn table(&self) -> Arc<ProcessTable> {
@@ -484,6 +527,10 @@ impl Controller {
             "reload" => {
                 call.bind(&[], 0)?;
                 self.reload().await
+            }
+            "get_integration_status" => {
+                call.bind(&[], 0)?;
+                Ok(self.integration_status())
             }
             other => Err(CommandError::Unknown(other.to_owned())),
         }

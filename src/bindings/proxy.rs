@@ -25,7 +25,7 @@ use crate::proxy::{self as core, Endpoint, LoadOutcome, ProxyCore, SendError, NO
 pub const SLICE: Duration = Duration::from_millis(50);
 
 /// The commanding-table commands a `ProcessManagerProxy` declares before they are loaded.
-const PM_INTERFACE: [&str; 11] = [
+const PM_INTERFACE: [&str; 12] = [
     "get_core_processes",
     "get_devices",
     "get_device_ids",
@@ -37,6 +37,7 @@ const PM_INTERFACE: [&str; 11] = [
     "restart_process",
     "get_process_log",
     "reload",
+    "get_integration_status",
 ];
 
 /// The service commands a `ServiceProxy` declares before they are loaded.
@@ -580,6 +581,11 @@ impl ProcessManagerProxy {
     /// Re-read the process definitions and the Setup, apply the differences, return the plan.
     fn reload(&self) -> PyResult<Py<PyAny>> {
         Err(not_loaded("ProcessManagerProxy", "reload"))
+    }
+
+    /// Where the registry registration, the Setup and the housekeeping stand now.
+    fn get_integration_status(&self) -> PyResult<Py<PyAny>> {
+        Err(not_loaded("ProcessManagerProxy", "get_integration_status"))
     }
 }
 

@@ -297,6 +297,8 @@ def test_ports_zero_register_and_every_client_finds_us(site_zero: CgseEnv) -> No
         res = our_cli(site, "status")
         assert res.returncode == 0, res.stdout + res.stderr
         assert f"Commanding port: {cmd}" in res.stdout and f"Service port: {svc}" in res.stdout
+        # ... and says where the integrations stand.
+        assert f"    Service Registry: registered as {rec['id']}" in res.stdout, res.stdout
 
         # Our `stop` finds the service port in the record's metadata; the daemon deregisters on the way out.
         res = our_cli(site, "stop")

@@ -142,6 +142,9 @@ def test_our_cli_against_our_daemon(site: CgseEnv, ours: OurDaemon) -> None:
         [pm_cs_binary(), "status"], env=env, capture_output=True, text=True, timeout=20, check=False
     )
     assert status.returncode == 0 and "Status: active" in status.stdout
+    # After the original's lines, where the integrations stand: no registry runs in this site.
+    assert "\n    Service Registry: not registered" in status.stdout, status.stdout
+    assert "\n    Housekeeping: " in status.stdout and "\n    Setup: " in status.stdout, status.stdout
     stop = subprocess.run([pm_cs_binary(), "stop"], env=env, capture_output=True, text=True, timeout=20, check=False)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert ours.wait_exit(5) == 0

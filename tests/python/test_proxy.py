@@ -48,6 +48,7 @@ PM_COMMANDS = [
     "restart_process",
     "get_process_log",
     "reload",
+    "get_integration_status",
 ]
 SERVICE_COMMANDS = [
     "set_monitoring_frequency",

@@ -195,6 +195,8 @@ class ProcessManagerProxy(Proxy):
         """The last ``lines`` lines of a managed process's output (stdout and stderr)."""
     def reload(self) -> Any:
         """Re-read the process definitions and the Setup, apply only the differences; the plan."""
+    def get_integration_status(self) -> Any:
+        """``{"registry", "setup", "storage", "processes"}``: where the integrations stand now."""
 
 class ServiceProxy(Proxy):
     """The client of a control server's service port (``egse.services.ServiceProxy``).
