@@ -42,18 +42,7 @@ impl ClientError {
     }
 }
 
-/// `egse.command.CommandExecution(cmd, *args, **kwargs)` as Python pickles it.
-pub fn command_execution(cmd: Value, args: Vec<Value>, kwargs: Vec<(Value, Value)>) -> Value {
-    Value::new_object(
-        "egse.command",
-        "CommandExecution",
-        Value::dict([
-            ("_cmd", cmd),
-            ("_args", Value::Tuple(args)),
-            ("_kwargs", Value::Dict(kwargs)),
-        ]),
-    )
-}
+pub use crate::protocol::command_execution;
 
 /// A connection to one control-server REQ-REP endpoint, with the commands it announced.
 pub struct ControlClient {

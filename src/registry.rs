@@ -73,7 +73,7 @@ fn write_json(v: &Json, out: &mut String) {
         Json::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
             (Some(i), _, _) => out.push_str(&i.to_string()),
             (None, Some(u), _) => out.push_str(&u.to_string()),
-            (None, None, Some(f)) if f.is_finite() => out.push_str(&crate::util::py_float_repr(f)),
+            (None, None, Some(f)) if f.is_finite() => out.push_str(&crate::codec::float_repr(f)),
             (None, None, Some(f)) if f.is_nan() => out.push_str("NaN"),
             (None, None, Some(f)) => out.push_str(if f > 0.0 { "Infinity" } else { "-Infinity" }),
             _ => out.push_str(&n.to_string()),

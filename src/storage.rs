@@ -11,7 +11,8 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use crate::util::{py_float_repr, yyyymmdd};
+use crate::codec::float_repr;
+use crate::util::yyyymmdd;
 
 /// One housekeeping value.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,7 +29,7 @@ impl HkValue {
         match self {
             HkValue::Str(s) => s.clone(),
             HkValue::Int(i) => i.to_string(),
-            HkValue::Float(f) => py_float_repr(*f),
+            HkValue::Float(f) => float_repr(*f),
             HkValue::None => String::new(),
         }
     }

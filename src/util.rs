@@ -93,53 +93,9 @@ mod tests {
     }
 }
 
-/// Python's `repr(float)`: shortest round-trip digits, `1000.0`, `1e-05`, `1e+16`, `inf`, `nan`.
-pub fn py_float_repr(f: f64) -> String {
-    if f.is_nan() {
-        return "nan".into();
-    }
-    if f.is_infinite() {
-        return if f > 0.0 { "inf".into() } else { "-inf".into() };
-    }
-    if f == 0.0 {
-        return if f.is_sign_negative() {
-            "-0.0".into()
-        } else {
-            "0.0".into()
-        };
-    }
-    // `{:e}` gives the shortest round-trip digits: "1.2345e-5".
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let negative = mantissa.starts_with('-');
-    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-    let sign = if negative { "-" } else { "" };
-    if !(-4..16).contains(&exp) {
-        let (first, rest) = digits.split_at(1);
-        let m = if rest.is_empty() {
-            first.to_owned()
-        } else {
-            format!("{first}.{rest}")
-        };
-        let es = if exp < 0 { '-' } else { '+' };
-        return format!("{sign}{m}e{es}{:02}", exp.abs());
-    }
-    let n = digits.len() as i32;
-    let point = exp + 1; // digits before the decimal point
-    let body = if point <= 0 {
-        format!("0.{}{digits}", "0".repeat((-point) as usize))
-    } else if point >= n {
-        format!("{digits}{}.0", "0".repeat((point - n) as usize))
-    } else {
-        format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
-    };
-    format!("{sign}{body}")
-}
-
 #[cfg(test)]
 mod float_tests {
-    use super::py_float_repr;
+    use crate::codec::float_repr as py_float_repr;
 
     #[test]
     fn matches_python_repr() {
@@ -153,6 +109,8 @@ mod float_tests {
             (1e16, "1e+16"),
             (1234567890123456.0, "1234567890123456.0"),
             (-2.5, "-2.5"),
+            (0.0, "0.0"),
+            (-0.0, "-0.0"),
             (0.1, "0.1"),
             (1.5e300, "1.5e+300"),
         ] {

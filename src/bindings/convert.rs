@@ -12,9 +12,9 @@ use pyo3::types::{
 };
 use pyo3::IntoPyObjectExt;
 
+use crate::codec::str_repr as py_str_repr;
 use crate::codec::{Object, Value};
 use crate::objects::{self, Known, ProcessCommandClass, ResponseClass, PROCMAN_MODULE};
-use crate::protocol::py_str_repr;
 
 /// Deepest nesting accepted from a Python argument (a self-containing list would never end).
 const MAX_DEPTH: usize = 500;

@@ -279,7 +279,7 @@ pub(crate) fn bigint_decimal(bytes: &[u8]) -> String {
 }
 
 /// Python's `repr(float)`: shortest round-trip digits, exponent notation below 1e-4 and from 1e16.
-pub(crate) fn float_repr(f: f64) -> String {
+pub fn float_repr(f: f64) -> String {
     if f.is_nan() {
         return "nan".into();
     }
@@ -327,7 +327,7 @@ pub(crate) fn float_repr(f: f64) -> String {
 }
 
 /// Python's `repr(str)`.
-pub(crate) fn str_repr(s: &str) -> String {
+pub fn str_repr(s: &str) -> String {
     let quote = if s.contains('\'') && !s.contains('"') {
         '"'
     } else {
@@ -403,7 +403,7 @@ fn is_printable(c: char) -> bool {
 }
 
 /// Python's `repr(bytes)`.
-pub(crate) fn bytes_repr(b: &[u8]) -> String {
+pub fn bytes_repr(b: &[u8]) -> String {
     let quote = if b.contains(&b'\'') && !b.contains(&b'"') {
         b'"'
     } else {

@@ -10,7 +10,7 @@ mod encode;
 mod value;
 
 pub use decode::decode;
-pub use describe::describe;
+pub use describe::{bytes_repr, describe, float_repr, str_repr};
 pub use encode::encode;
 pub use value::{dict_get, Object, ObjectKind, Value};
 

@@ -73,7 +73,7 @@ impl Request {
                     kwargs,
                 }
             }
-            Value::Object(o) if is_command_execution(&o) => command_execution(*o),
+            Value::Object(o) if is_command_execution(&o) => request_from_execution(*o),
             _ => Request {
                 form: RequestForm::Other,
                 name: None,
@@ -98,7 +98,7 @@ fn is_command_execution(o: &Object) -> bool {
         .is_some()
 }
 
-fn command_execution(o: Object) -> Request {
+fn request_from_execution(o: Object) -> Request {
     let mut name = None;
     let mut args = vec![];
     let mut kwargs = vec![];
@@ -120,6 +120,19 @@ fn command_execution(o: Object) -> Request {
         args,
         kwargs,
     }
+}
+
+/// `egse.command.CommandExecution(cmd, *args, **kwargs)` as Python pickles it: how a client sends a command.
+pub fn command_execution(cmd: Value, args: Vec<Value>, kwargs: Vec<(Value, Value)>) -> Value {
+    Value::new_object(
+        "egse.command",
+        "CommandExecution",
+        Value::dict([
+            ("_cmd", cmd),
+            ("_args", Value::Tuple(args)),
+            ("_kwargs", Value::Dict(kwargs)),
+        ]),
+    )
 }
 
 /// A builtin Python exception class carried as the `cause` of a `Failure`.
@@ -256,9 +269,10 @@ pub fn py_repr(v: &Value) -> String {
         Value::Bool(b) => if *b { "True" } else { "False" }.into(),
         Value::Int(i) => i.to_string(),
         Value::BigInt(_) => "<int>".into(),
-        Value::Float(f) => crate::util::py_float_repr(*f),
-        Value::Str(s) => py_str_repr(s),
-        Value::Bytes(b) | Value::ByteArray(b) => format!("b{}", py_str_repr(&String::from_utf8_lossy(b))),
+        Value::Float(f) => crate::codec::float_repr(*f),
+        Value::Str(s) => crate::codec::str_repr(s),
+        Value::Bytes(b) => crate::codec::bytes_repr(b),
+        Value::ByteArray(b) => format!("bytearray({})", crate::codec::bytes_repr(b)),
         Value::List(items) => format!("[{}]", join(items)),
         Value::Tuple(items) if items.len() == 1 => format!("({},)", join(items)),
         Value::Tuple(items) => format!("({})", join(items)),
@@ -277,33 +291,6 @@ pub fn py_repr(v: &Value) -> String {
             None => "<object>".into(),
         },
     }
-}
-
-/// Python's `repr()` of a str.
-pub fn py_str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push(quote);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push(quote);
-    out
 }
 
 /// A JSON value (e.g. a serialised status record) as a pickle value: objects become dicts in order,
@@ -336,15 +323,7 @@ mod tests {
             "ProcessManagerCommand",
             Value::dict([("_name", Value::str(name))]),
         );
-        Value::new_object(
-            "egse.command",
-            "CommandExecution",
-            Value::dict([
-                ("_cmd", cmd),
-                ("_args", Value::Tuple(args)),
-                ("_kwargs", Value::Dict(kwargs)),
-            ]),
-        )
+        command_execution(cmd, args, kwargs)
     }
 
     #[test]
