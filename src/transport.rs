@@ -190,6 +190,44 @@ fn socket_options(connect_limit: Duration) -> zeromq::SocketOptions {
     opts
 }
 
+/// The connection state both request clients share: an endpoint and, between requests, the socket kept
+/// after a successful exchange. Any error or timeout drops the socket (the caller simply does not give it
+/// back), so the next request connects afresh and a late reply dies with the old socket.
+struct Lazy<S> {
+    endpoint: String,
+    socket: Option<S>,
+    connect_timeout: Option<Duration>,
+    refused_is_final: bool,
+}
+
+impl<S: Socket> Lazy<S> {
+    fn new(endpoint: String) -> Lazy<S> {
+        Lazy {
+            endpoint,
+            socket: None,
+            connect_timeout: None,
+            refused_is_final: false,
+        }
+    }
+
+    /// The kept socket, or a new one connected within the connect bound (at most `timeout`).
+    async fn take_or_connect(&mut self, timeout: Duration) -> Result<S, TransportError> {
+        match self.socket.take() {
+            Some(s) => Ok(s),
+            None => {
+                let limit = self.connect_timeout.unwrap_or(timeout).min(timeout);
+                connect_within(
+                    S::with_options(socket_options(limit)),
+                    &self.endpoint,
+                    limit,
+                    self.refused_is_final,
+                )
+                .await
+            }
+        }
+    }
+}
+
 /// A REQ client that survives a dead or restarted server: after any error or timeout the socket is
 /// dropped and the next request connects afresh, so a late reply can never answer the wrong request.
 ///
@@ -197,63 +235,49 @@ fn socket_options(connect_limit: Duration) -> zeromq::SocketOptions {
 /// refused connection until its connect timeout, so a dead peer would otherwise cost the whole request
 /// timeout. A connect failure is [`TransportError::Connect`]: the request was certainly not sent.
 pub struct ReqClient {
-    endpoint: String,
-    socket: Option<zeromq::ReqSocket>,
-    connect_timeout: Option<Duration>,
-    refused_is_final: bool,
+    conn: Lazy<zeromq::ReqSocket>,
 }
 
 impl ReqClient {
     pub fn new(endpoint: impl Into<String>) -> ReqClient {
         ReqClient {
-            endpoint: endpoint.into(),
-            socket: None,
-            connect_timeout: None,
-            refused_is_final: false,
+            conn: Lazy::new(endpoint.into()),
         }
     }
 
     /// Fail at once when nothing listens, instead of retrying until the connect bound.
     pub fn set_refused_is_final(&mut self, yes: bool) {
-        self.refused_is_final = yes;
+        self.conn.refused_is_final = yes;
     }
 
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
+        &self.conn.endpoint
     }
 
     /// Bound the connection phase separately (default: the request timeout).
     pub fn set_connect_timeout(&mut self, limit: Duration) {
-        self.connect_timeout = Some(limit);
+        self.conn.connect_timeout = Some(limit);
     }
 
     /// True while a connected socket is kept.
     pub fn is_connected(&self) -> bool {
-        self.socket.is_some()
+        self.conn.socket.is_some()
     }
 
     /// Drop the socket; the next request reconnects.
     pub fn reset(&mut self) {
-        self.socket = None;
+        self.conn.socket = None;
     }
 
     /// Send one frame and wait for one frame, all within `timeout` (connecting included).
     pub async fn request(&mut self, payload: Vec<u8>, timeout: Duration) -> Result<Bytes, TransportError> {
         let started = std::time::Instant::now();
-        let socket = match self.socket.take() {
-            Some(s) => s,
-            None => {
-                let limit = self.connect_timeout.unwrap_or(timeout).min(timeout);
-                let s = zeromq::ReqSocket::with_options(socket_options(limit));
-                connect_within(s, &self.endpoint, limit, self.refused_is_final).await?
-            }
-        };
+        let mut socket = self.conn.take_or_connect(timeout).await?;
         let remaining = timeout.saturating_sub(started.elapsed());
-        let endpoint = self.endpoint.clone();
-        let mut socket = socket;
+        let endpoint = self.conn.endpoint.clone();
         match tokio::time::timeout(remaining, Self::exchange(&mut socket, &endpoint, payload)).await {
             Ok(Ok(reply)) => {
-                self.socket = Some(socket);
+                self.conn.socket = Some(socket);
                 Ok(reply)
             }
             Ok(Err(e)) => Err(e),
@@ -293,60 +317,45 @@ impl ReqClient {
 /// construction: the socket is dropped after any error or timeout (a late reply dies with it), and
 /// anything already waiting on a kept socket is discarded before the next request is sent.
 pub struct DealerClient {
-    endpoint: String,
-    socket: Option<zeromq::DealerSocket>,
-    connect_timeout: Option<Duration>,
-    refused_is_final: bool,
+    conn: Lazy<zeromq::DealerSocket>,
 }
 
 impl DealerClient {
     pub fn new(endpoint: impl Into<String>) -> DealerClient {
         DealerClient {
-            endpoint: endpoint.into(),
-            socket: None,
-            connect_timeout: None,
-            refused_is_final: false,
+            conn: Lazy::new(endpoint.into()),
         }
     }
 
     /// Fail at once when nothing listens, instead of retrying until the connect bound.
     pub fn set_refused_is_final(&mut self, yes: bool) {
-        self.refused_is_final = yes;
+        self.conn.refused_is_final = yes;
     }
 
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
+        &self.conn.endpoint
     }
 
     /// Bound the connection phase separately (default: the request timeout).
     pub fn set_connect_timeout(&mut self, limit: Duration) {
-        self.connect_timeout = Some(limit);
+        self.conn.connect_timeout = Some(limit);
     }
 
     pub fn reset(&mut self) {
-        self.socket = None;
+        self.conn.socket = None;
     }
 
     /// Send `frames` and wait for one multi-frame reply within `timeout`.
     pub async fn request(&mut self, frames: Vec<Bytes>, timeout: Duration) -> Result<Vec<Bytes>, TransportError> {
         let started = std::time::Instant::now();
-        let endpoint = self.endpoint.clone();
+        let endpoint = self.conn.endpoint.clone();
         let msg = ZmqMessage::try_from(frames).map_err(|_| TransportError::Send {
             endpoint: endpoint.clone(),
             reason: "empty message".into(),
         })?;
-        let mut socket = match self.socket.take() {
-            Some(mut s) => {
-                // Stale replies (there should be none: we drop the socket after a timeout) are discarded.
-                while let Some(Ok(_)) = futures_util::FutureExt::now_or_never(s.recv()) {}
-                s
-            }
-            None => {
-                let limit = self.connect_timeout.unwrap_or(timeout).min(timeout);
-                let s = zeromq::DealerSocket::with_options(socket_options(limit));
-                connect_within(s, &endpoint, limit, self.refused_is_final).await?
-            }
-        };
+        let mut socket = self.conn.take_or_connect(timeout).await?;
+        // Stale replies (there should be none: the socket is dropped after a timeout) are discarded.
+        while let Some(Ok(_)) = futures_util::FutureExt::now_or_never(socket.recv()) {}
         let remaining = timeout.saturating_sub(started.elapsed());
         let exchange = async {
             socket.send(msg).await.map_err(|e| TransportError::Send {
@@ -361,7 +370,7 @@ impl DealerClient {
         };
         match tokio::time::timeout(remaining, exchange).await {
             Ok(Ok(r)) => {
-                self.socket = Some(socket);
+                self.conn.socket = Some(socket);
                 Ok(r)
             }
             Ok(Err(e)) => Err(e),
