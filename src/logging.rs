@@ -137,6 +137,45 @@ pub fn init() -> Arc<dyn LogControl> {
 mod tests {
     use super::*;
 
+    /// Captures formatted log lines in memory.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn set_level_changes_the_live_filter() {
+        let out = Capture::default();
+        let writer = out.clone();
+        let (layer, handle) = reload::Layer::new(EnvFilter::new("info"));
+        let fmt = fmt::layer().with_writer(move || writer.clone()).with_ansi(false);
+        let subscriber = tracing_subscriber::registry().with(layer).with(fmt);
+        let control = ReloadControl {
+            handle,
+            state: Mutex::new((LevelFilter::INFO, BTreeMap::new())),
+        };
+        let text = || String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::debug!(target: "procman::server", "first");
+            assert!(!text().contains("first"));
+            control.set_level(Some("procman::server"), LevelFilter::DEBUG).unwrap();
+            tracing::debug!(target: "procman::server", "second");
+            tracing::debug!(target: "procman::daemon", "elsewhere");
+            assert!(text().contains("second") && !text().contains("elsewhere"));
+            control.set_level(None, LevelFilter::ERROR).unwrap();
+            tracing::warn!(target: "procman::daemon", "third");
+            assert!(!text().contains("third"));
+        });
+    }
+
     #[test]
     fn python_names_and_levels() {
         assert_eq!(target_for("egse.procman"), Some("procman"));
