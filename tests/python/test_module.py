@@ -180,3 +180,38 @@ def test_public_names() -> None:
         assert name in procman.__all__, name
     assert procman.ProcessManagerProxy.__module__ == "egse.procman"
     assert procman.__version__ == _native.__version__
+
+
+def test_send_commands_reply_unpickles_against_this_package(
+    fresh_daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cgse-core's generic ``Proxy`` unpickles ``send_commands`` itself. Where this package provides
+    ``egse.procman``, every reference in the pickle must resolve: the command class and the controller
+    methods here, the response handler in cgse-core's ``egse.protocol`` (faked, as it is not installed)."""
+    import pickle
+    import types
+
+    import zmq
+
+    protocol = types.ModuleType("egse.protocol")
+
+    class CommandProtocol:
+        def handle_device_method(self) -> None: ...
+
+    protocol.CommandProtocol = CommandProtocol  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "egse.protocol", protocol)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"tcp://127.0.0.1:{PORTS.commanding}")
+        sock.send(pickle.dumps("send_commands"))
+        assert sock.poll(5000), "no reply"
+        table = pickle.loads(sock.recv())  # our own daemon, on loopback
+    finally:
+        sock.close()
+        ctx.term()
+    assert isinstance(table["get_devices"], procman.ProcessManagerCommand)
+    assert table["get_devices"]._device_method is procman.ProcessManagerController.get_devices
+    assert table["start_process"]._name == "start_process"
+    assert table["list_processes"]._device_method is None

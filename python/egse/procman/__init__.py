@@ -56,6 +56,7 @@ __all__ = [
     "Message",
     "ProcessCommand",
     "ProcessManagerCommand",
+    "ProcessManagerController",
     "ProcessManagerProxy",
     "Proxy",
     "RemoteObject",
@@ -270,6 +271,36 @@ class StatusCommand(ProcessCommand):
     @property
     def cmd(self) -> str:
         return self._with_first_arg("status")
+
+
+class ProcessManagerController:
+    """The server-side methods the pickled command objects name (``_device_method``).
+
+    The daemon is Rust and dispatches on the command name, so these are never called. They exist because a
+    CGSE client that unpickles the ``send_commands`` reply itself (cgse-core's generic ``Proxy``, in an
+    environment where this package provides ``egse.procman``) must find every function the pickle refers to.
+    """
+
+    def get_core_processes(self) -> Any:
+        raise NotImplementedError("served by the Process Manager daemon")
+
+    def get_devices(self) -> Any:
+        raise NotImplementedError("served by the Process Manager daemon")
+
+    def get_device_ids(self) -> Any:
+        raise NotImplementedError("served by the Process Manager daemon")
+
+    def start_process(self, start_cmd: Any) -> Any:
+        raise NotImplementedError("served by the Process Manager daemon")
+
+    def stop_process(self, stop_cmd: Any) -> Any:
+        raise NotImplementedError("served by the Process Manager daemon")
+
+    def get_core_service_status(self, status_cmd: Any) -> Any:
+        raise NotImplementedError("served by the Process Manager daemon")
+
+    def get_device_process_status(self, status_cmd: Any) -> Any:
+        raise NotImplementedError("served by the Process Manager daemon")
 
 
 class ProcessManagerCommand:
