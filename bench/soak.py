@@ -186,6 +186,19 @@ def list_processes(port: int) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in reply["processes"]}
 
 
+def rss_slope_kib_per_hour(rows: list[dict[str, Any]]) -> float:
+    """Least-squares slope of RSS over the run, after its first tenth (warm-up), in KiB per hour."""
+    rs = rows[len(rows) // 10 :] if len(rows) >= 10 else rows
+    xs = [float(r["elapsed_s"]) / 3600 for r in rs]
+    ys = [float(r["rss_kib"]) for r in rs]
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+
+
 def plot(csv_path: Path, png_path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -225,7 +238,18 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between samples (default 10)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "soak", help="path prefix of outputs")
     ap.add_argument("--pause", type=float, default=0.01, help="pause between requests of one client (s)")
+    ap.add_argument("--replot", type=Path, metavar="CSV", help="only draw the PNG of an existing CSV")
+    ap.add_argument("--title", default="", help="title prefix of the plot")
     cfg = ap.parse_args()
+    if cfg.replot:
+        rows = list(csv.DictReader(cfg.replot.open()))
+        last = rows[-1]
+        title = (
+            f"{cfg.title or 'procman soak'}: {float(last['elapsed_s']) / 60:.0f} min, {int(last['requests_ok']):,} "
+            f"requests, {int(last['crashloop_restarts']):,} crash-loop restarts; RSS slope "
+            f"{rss_slope_kib_per_hour(rows):+.0f} KiB/h"
+        )
+        return 0 if plot(cfg.replot, cfg.replot.with_suffix(".png"), title) else 1
     if not in_private_netns():
         print("soak.py: run it inside scripts/in-netns.sh", file=sys.stderr)
         return 2
@@ -364,6 +388,7 @@ def main() -> int:
                 "max": max(r["fds"] for r in rows)},
         "threads": {"first": first["threads"], "last": last["threads"], "min": min(r["threads"] for r in rows),
                     "max": max(r["threads"] for r in rows)},
+        "rss_slope_kib_per_hour": round(rss_slope_kib_per_hour(rows), 1),
         "crashloop_restarts": last["crashloop_restarts"],
         "requests_ok": last["requests_ok"],
         "errors": last["errors"],
@@ -376,8 +401,9 @@ def main() -> int:
     }  # fmt: skip
     cfg.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     title = (
-        f"procman soak: {last['elapsed_s'] / 60:.0f} min, {last['requests_ok']:,} requests, "
-        f"{last['crashloop_restarts']:,} crash-loop restarts, {last['errors']} errors, {last['timeouts']} timeouts"
+        f"{cfg.title or 'procman soak'}: {last['elapsed_s'] / 60:.0f} min, {last['requests_ok']:,} requests, "
+        f"{last['crashloop_restarts']:,} crash-loop restarts, {last['errors']} errors, {last['timeouts']} timeouts; "
+        f"RSS slope {summary['rss_slope_kib_per_hour']:+.0f} KiB/h"
     )
     plot(csv_path, cfg.out.with_suffix(".png"), title)
     print(json.dumps(summary, indent=2))
