@@ -6,7 +6,8 @@
 #
 # Steps: formatting and lints; Rust unit and integration tests; one million fuzzed inputs through the pickle
 # decoder; the Python test venv; the reference venv (cgse-core 0.25.11, the original implementation); the
-# Python tests against the real CGSE services, inside a private network namespace (loopback only).
+# Python tests against the real CGSE services, inside a private network namespace (loopback only), among them
+# the load and fault suite (tests/python/test_load_faults.py, about 3 minutes).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -33,9 +34,10 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 
 step "format and lint"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --all-targets -- -D warnings
-.venv/bin/ruff check tests/python scripts
-.venv/bin/ruff format --check tests/python scripts
+.venv/bin/ruff check tests/python scripts bench
+.venv/bin/ruff format --check tests/python scripts bench
 
 step "Rust tests"
 cargo test --all-targets
