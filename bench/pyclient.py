@@ -27,6 +27,16 @@ import zmq
 TIMEOUT_MS = 10_000
 
 
+class _Timeout:
+    """What ``Client.raw`` returns when no reply came (``None`` is a valid reply: start_process)."""
+
+    def __repr__(self) -> str:
+        return "<timeout>"
+
+
+TIMEOUT = _Timeout()
+
+
 def _socket(ctx: zmq.Context, port: int, kind: int = zmq.REQ) -> zmq.Socket:
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
@@ -53,7 +63,7 @@ class Client:
             self.errors += 1
             self.sock.close(0)
             self.sock = _socket(self.ctx, self.port)
-            return None
+            return TIMEOUT
 
     def request(self, value: Any) -> Any:
         return self.raw(pickle.dumps(value))
@@ -73,7 +83,8 @@ class Client:
 
 
 def is_failure(reply: Any) -> bool:
-    return reply is None or type(reply).__name__ == "Failure"
+    """No reply, or an ``egse.response.Failure``."""
+    return reply is TIMEOUT or type(reply).__name__ == "Failure"
 
 
 def stats(lat_s: list[float], errors: int = 0, elapsed: float | None = None) -> dict[str, Any]:

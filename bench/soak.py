@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -226,7 +227,7 @@ def plot(csv_path: Path, png_path: Path, title: str) -> bool:
             pad = max(1.0, (hi - lo) * 0.5, hi * 0.1)
             ax.set_ylim(max(0, lo - pad), hi + pad)
     axes[-1].set_xlabel("minutes")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
     return True
