@@ -255,6 +255,9 @@ def main() -> int:
         print("soak.py: run it inside scripts/in-netns.sh", file=sys.stderr)
         return 2
     loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
+    commit_start = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     root = Path(tempfile.mkdtemp(prefix="procman-soak-"))
     cmd_port, mon_port, svc_port = free_ports(3)
     table = root / "procman.yaml"
@@ -376,9 +379,7 @@ def main() -> int:
 
     summary = {
         "command": "scripts/in-netns.sh .venv/bin/python bench/soak.py " + " ".join(sys.argv[1:]),
-        "procman_commit": subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip(),
+        "procman_commit": commit_start,
         "loadavg_start": loadavg_start,
         "duration_s": last["elapsed_s"],
         "samples": len(rows),
