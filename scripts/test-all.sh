@@ -6,7 +6,8 @@
 #
 # Steps: formatting and lints; Rust unit and integration tests; one million fuzzed inputs through the pickle
 # decoder; the Python test venv; the reference venv (cgse-core 0.25.11, the original implementation); the
-# Python tests against the real CGSE services, inside a private network namespace (loopback only).
+# Python tests against the real CGSE services, inside a private network namespace (loopback only), among them
+# the load and fault suite (tests/python/test_load_faults.py, about 3 minutes).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -28,6 +29,7 @@ REF_PID=$!
 
 step "format and lint (Rust)"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --features python -- -D warnings
 
@@ -46,8 +48,8 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install -q -e '.[test]'
 
 step "format, lint and type checks (Python)"
-.venv/bin/ruff check python tests/python scripts
-.venv/bin/ruff format --check python tests/python scripts
+.venv/bin/ruff check python tests/python scripts bench
+.venv/bin/ruff format --check python tests/python scripts bench
 .venv/bin/mypy
 .venv/bin/python -m mypy.stubtest egse.procman._native
 

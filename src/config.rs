@@ -433,6 +433,7 @@ impl ProcmanSettings {
                 max_memo: s.count(g, "MAX_MEMO_ENTRIES")?,
                 max_container_len: s.count(g, "MAX_CONTAINER_LENGTH")?,
                 max_nodes: s.count(g, "MAX_DECODED_VALUES")?,
+                max_nodes_per_byte: s.count(g, "MAX_DECODED_VALUES_PER_BYTE")?,
             },
             max_concurrent_requests: s.count(g, "MAX_CONCURRENT_REQUESTS")?,
             pub_queue_per_subscriber: s.count(g, "PUB_QUEUE_PER_SUBSCRIBER")?,

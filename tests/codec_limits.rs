@@ -129,9 +129,20 @@ fn node_limit_counts_memo_copies() {
 
 #[test]
 fn billion_laughs_hits_the_node_limit_without_expanding() {
-    // 2**60 leaves from 363 bytes.
+    // 2**60 leaves from 363 bytes: the budget of so small a pickle is the minimum one.
     assert_eq!(
         timed(&doubling_bomb(60), &limits()),
+        Err(CodecError::TooManyNodes(procman::codec::MIN_NODE_BUDGET))
+    );
+    // With the per-byte bound off, the absolute one still holds.
+    assert_eq!(
+        timed(
+            &doubling_bomb(60),
+            &Limits {
+                max_nodes_per_byte: 0,
+                ..limits()
+            }
+        ),
         Err(CodecError::TooManyNodes(limits().max_nodes))
     );
     // A small one is fine and really is expanded.
@@ -326,4 +337,25 @@ fn random_bytes_never_panic() {
         }
     }
     assert!(ok < 20_000);
+}
+
+#[test]
+fn small_pickles_cannot_expand_into_large_trees() {
+    // Found by `cargo fuzz` (fuzz/, target decode): 563 bytes of DUPs, empty sets, marks and tuples that
+    // expanded to ~1.9 million values; the daemon took 100 ms and 60 MB to decode it, per request.
+    let p = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions/decode/dup-expansion-563-bytes"),
+    )
+    .unwrap();
+    assert_eq!(p.len(), 563);
+    assert_eq!(
+        timed(&p, &limits()),
+        Err(CodecError::TooManyNodes(procman::codec::MIN_NODE_BUDGET))
+    );
+    let l = limits();
+    assert_eq!(l.node_budget(0), procman::codec::MIN_NODE_BUDGET);
+    assert_eq!(l.node_budget(100_000), 1_600_000);
+    assert_eq!(l.node_budget(64 << 20), l.max_nodes);
+    // A legitimate 2x sharing in a small pickle is untouched: x = [1, 2, 3]; (x, x, x).
+    assert!(decode(b"\x80\x04](K\x01K\x02K\x03e\x94h\x00h\x00\x87.", &l).is_ok());
 }

@@ -1032,7 +1032,8 @@ impl<'a, 'l> Machine<'a, 'l> {
     /// depth-first search; each reachable node is finished once, with its expanded size summed from
     /// its children (so shared sub-graphs are counted once per reference without being walked again).
     fn check_graph(&self, root: Id) -> Result<(), CodecError> {
-        let max_nodes = u64::try_from(self.limits.max_nodes).unwrap_or(u64::MAX);
+        let budget = self.limits.node_budget(self.data.len());
+        let max_nodes = u64::try_from(budget).unwrap_or(u64::MAX);
         let n = self.nodes.len();
         let mut color = vec![WHITE; n];
         let mut cost = vec![0u64; n];
@@ -1058,7 +1059,7 @@ impl<'a, 'l> Machine<'a, 'l> {
                     j += 1;
                 }
                 if total > max_nodes {
-                    return Err(CodecError::TooManyNodes(self.limits.max_nodes));
+                    return Err(CodecError::TooManyNodes(budget));
                 }
                 if let Some(c) = cost.get_mut(id as usize) {
                     *c = total;
@@ -1069,7 +1070,7 @@ impl<'a, 'l> Machine<'a, 'l> {
             }
         }
         if cost.get(root as usize).copied().unwrap_or(0) > max_nodes {
-            return Err(CodecError::TooManyNodes(self.limits.max_nodes));
+            return Err(CodecError::TooManyNodes(budget));
         }
         Ok(())
     }

@@ -28,6 +28,26 @@ pub struct Limits {
     /// Most values in the result tree, counting every copy a memo reference expands to.
     /// Strings, bytes, big ints and global names count one extra value per 64 payload bytes.
     pub max_nodes: usize,
+    /// Most values in the result tree per input byte (never less than [`MIN_NODE_BUDGET`]), so that a
+    /// small pickle cannot expand into a large tree through memo references: without it, 563 bytes of
+    /// `DUP`s and tuples cost 60 MB and 100 ms to decode (found by `fuzz/`). CPython's pickles of CGSE
+    /// values hold fewer than one value per byte. 0 disables this bound (`max_nodes` still applies).
+    pub max_nodes_per_byte: usize,
+}
+
+/// The node budget of any pickle, however small (see [`Limits::max_nodes_per_byte`]).
+pub const MIN_NODE_BUDGET: usize = 16_384;
+
+impl Limits {
+    /// The most values a pickle of `len` bytes may expand to: `max_nodes`, and at most
+    /// `max_nodes_per_byte` per input byte (but never less than [`MIN_NODE_BUDGET`]).
+    pub fn node_budget(&self, len: usize) -> usize {
+        if self.max_nodes_per_byte == 0 {
+            return self.max_nodes;
+        }
+        self.max_nodes
+            .min(self.max_nodes_per_byte.saturating_mul(len).max(MIN_NODE_BUDGET))
+    }
 }
 
 impl Default for Limits {
@@ -38,6 +58,7 @@ impl Default for Limits {
             max_memo: 1_000_000,
             max_container_len: 1_000_000,
             max_nodes: 2_000_000,
+            max_nodes_per_byte: 16,
         }
     }
 }

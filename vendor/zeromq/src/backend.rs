@@ -309,7 +309,11 @@ impl MultiPeerBackend for GenericSocketBackend {
                 writer_backend.peer_disconnected(&writer_peer_id);
             }
         });
-        self.round_robin.push(peer_id.clone());
+        // procman patch: only the sockets that send round robin pop this queue. A ROUTER (or PULL) never
+        // does, so pushing every peer made it grow by one identity per connection, forever.
+        if matches!(self.socket_type, SocketType::DEALER | SocketType::PUSH) {
+            self.round_robin.push(peer_id.clone());
+        }
         match &self.fair_queue_inner {
             None => {}
             Some(inner) => {
