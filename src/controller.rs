@@ -22,8 +22,8 @@ use crate::server::{Call, CommandError, Handler, HandlerFuture};
 use crate::setup::{device_ids_reply, devices_reply, Device, SetupSource};
 use crate::storage::HousekeepingSink;
 use crate::supervisor::{
-    validate_cgse_cmd, DeviceSpec, ProcessDefinition, ProcessEvent, ProcessState, ProcessTable, RestartPolicy,
-    SupervisorError, SupervisorHandle,
+    validate_cgse_cmd, Desired, DeviceSpec, ProcessDefinition, ProcessEvent, ProcessRecord, ProcessState, ProcessTable,
+    RestartPolicy, SupervisorError, SupervisorHandle,
 };
 
 /// The arguments of a `StartCommand` / `StopCommand` / `StatusCommand` (PROTOCOL.md §4.6).
@@ -123,9 +123,69 @@ pub struct Controller {
     storage: Option<Arc<dyn HousekeepingSink>>,
 }
 
-/// A status record as the wire carries it.
-fn record_value<T: Serialize>(r: &T) -> Value {
+/// A serialisable value (the reload plan) as the wire carries it.
+fn serde_value<T: Serialize>(r: &T) -> Value {
     serde_json::to_value(r).map(from_json).unwrap_or(Value::None)
+}
+
+/// A status record as the wire carries it: the same dict its serde form gives (a test checks that), built
+/// directly because `list_processes` is the hot path of status polling.
+fn record_value(r: &ProcessRecord) -> Value {
+    let int = |v: Option<i32>| v.map(|x| Value::Int(i64::from(x))).unwrap_or(Value::None);
+    let float = |v: Option<f64>| v.map(Value::Float).unwrap_or(Value::None);
+    let text = |v: &Option<String>| v.as_ref().map(Value::str).unwrap_or(Value::None);
+    let path = |p: &std::path::Path| Value::Str(p.display().to_string());
+    let d = &r.definition;
+    let restart = match d.restart {
+        RestartPolicy::Never => "never",
+        RestartPolicy::OnFailure => "on-failure",
+        RestartPolicy::Always => "always",
+    };
+    Value::dict([
+        ("id", Value::str(&r.id)),
+        ("state", Value::str(r.state.as_str())),
+        ("pid", int(r.pid)),
+        ("pgid", int(r.pgid)),
+        ("start_time", float(r.start_time)),
+        ("uptime_s", float(r.uptime_s)),
+        ("exit_code", int(r.exit_code)),
+        ("exit_signal", int(r.exit_signal)),
+        ("restarts", Value::Int(i64::from(r.restarts))),
+        ("last_error", text(&r.last_error)),
+        ("argv", Value::List(r.argv.iter().map(Value::str).collect())),
+        ("cwd", r.cwd.as_deref().map(path).unwrap_or(Value::None)),
+        (
+            "env",
+            Value::Dict(r.env.iter().map(|(k, v)| (Value::str(k), Value::str(v))).collect()),
+        ),
+        ("ready", r.ready.map(Value::Bool).unwrap_or(Value::None)),
+        ("stdout_log", path(&r.stdout_log)),
+        ("stderr_log", path(&r.stderr_log)),
+        ("log_dropped_bytes", Value::Int(r.log_dropped_bytes as i64)),
+        ("adopted", Value::Bool(r.adopted)),
+        (
+            "desired",
+            Value::str(if r.desired == Desired::Running {
+                "running"
+            } else {
+                "stopped"
+            }),
+        ),
+        (
+            "definition",
+            Value::dict([
+                ("restart", Value::str(restart)),
+                ("forking", Value::Bool(d.forking)),
+                ("simulator", Value::Bool(d.simulator)),
+                ("autostart", Value::Bool(d.autostart)),
+                ("stop_signal", Value::str(&d.stop_signal)),
+                ("stop_timeout_s", Value::Float(d.stop_timeout_s)),
+                ("readiness", text(&d.readiness)),
+                ("service_type", text(&d.service_type)),
+                ("inherit_env", Value::Bool(d.inherit_env)),
+            ]),
+        ),
+    ])
 }
 
 fn sup_err(e: SupervisorError) -> CommandError {
@@ -443,7 +503,7 @@ impl Controller {
             self.note_origin(&d.id, o);
         }
         info!(?plan, "reload applied");
-        Ok(record_value(&plan))
+        Ok(serde_value(&plan))
     }
 
     async fn call(&self, call: Call) -> Result<Value, CommandError> {
@@ -617,4 +677,52 @@ pub fn event_value(e: &ProcessEvent) -> Value {
         ("exit_signal", opt(e.exit_signal)),
         ("time", Value::Float(e.time)),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::DefinitionSummary;
+
+    fn record(d: Desired, ready: Option<bool>) -> ProcessRecord {
+        ProcessRecord {
+            id: "DUMMY_01".into(),
+            state: ProcessState::Running,
+            pid: Some(1234),
+            pgid: Some(1234),
+            start_time: Some(1_795_691_412.25),
+            uptime_s: Some(3.5),
+            exit_code: None,
+            exit_signal: Some(9),
+            restarts: 2,
+            last_error: Some("exited with signal 9".into()),
+            argv: vec!["python3".into(), "-m".into(), "egse.dummy.dummy_cs".into()],
+            cwd: Some("/tmp".into()),
+            env: [("PROCMAN_ID".to_owned(), "DUMMY_01".to_owned())].into_iter().collect(),
+            ready,
+            stdout_log: "/log/DUMMY_01.stdout.log".into(),
+            stderr_log: "/log/DUMMY_01.stderr.log".into(),
+            log_dropped_bytes: 7,
+            adopted: true,
+            desired: d,
+            definition: DefinitionSummary {
+                restart: RestartPolicy::OnFailure,
+                forking: false,
+                simulator: true,
+                autostart: false,
+                stop_signal: "SIGTERM".into(),
+                stop_timeout_s: 10.0,
+                readiness: Some("registry DUMMY_01".into()),
+                service_type: None,
+                inherit_env: true,
+            },
+        }
+    }
+
+    #[test]
+    fn direct_record_value_equals_its_serde_form() {
+        for r in [record(Desired::Running, Some(true)), record(Desired::Stopped, None)] {
+            assert_eq!(record_value(&r), serde_value(&r));
+        }
+    }
 }

@@ -177,6 +177,9 @@ pub async fn start(
     let pm = &config.pm;
     let p = &config.procman;
     let addr = p.bind_address.as_str();
+    if let Some(n) = crate::util::raise_open_files_limit() {
+        debug!(open_files = n, "open-files limit");
+    }
     // Bound what a peer can make zmq.rs buffer (vendor/zeromq/PATCHES.md). A frame up to twice our pickle
     // limit is read and answered with a Failure naming the limit; a larger one (a peer announcing
     // gigabytes) disconnects that peer instead of being buffered.

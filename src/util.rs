@@ -70,6 +70,18 @@ pub fn host_ip() -> Option<String> {
         .map(|ip| ip.to_string())
 }
 
+/// Raise the soft limit on open files to the hard limit. Every client connection costs the daemon a file
+/// descriptor, and zmq.rs has no handshake timeout (a peer that connects and stays silent keeps its fd), so
+/// the common 1024 default is a needlessly low ceiling. Returns the limit in effect.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

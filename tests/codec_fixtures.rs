@@ -6,21 +6,13 @@
 //! Fixtures are found via `PROCMAN_FIXTURES`, else `../shared/reference/fixtures` relative to the
 //! crate (the layout of `/work/main`), else `/work/shared/reference/fixtures`.
 
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use procman::codec::{decode, describe, encode, CodecError, Limits, Value};
 
-fn fixtures_root() -> PathBuf {
-    if let Ok(dir) = std::env::var("PROCMAN_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    let relative = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/fixtures");
-    if relative.is_dir() {
-        return relative;
-    }
-    PathBuf::from("/work/shared/reference/fixtures")
-}
+use support::fixtures_root;
 
 /// Files in `dir` whose name matches `pred`, sorted.
 fn files(dir: &Path, pred: impl Fn(&str) -> bool) -> Vec<PathBuf> {

@@ -1,23 +1,14 @@
 //! Every limit triggers its own error, and hostile input (truncation, garbage, bombs, absurd length
 //! fields, extreme nesting) gives a clean `Err` quickly instead of a panic, hang or huge allocation.
 
+mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use procman::codec::{decode, CodecError, Limits, Value};
 
 fn fixture(rel: &str) -> Vec<u8> {
-    let base = std::env::var("PROCMAN_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            let relative = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/fixtures");
-            if relative.is_dir() {
-                relative
-            } else {
-                PathBuf::from("/work/shared/reference/fixtures")
-            }
-        });
-    std::fs::read(base.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+    std::fs::read(support::fixtures_root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 fn limits() -> Limits {

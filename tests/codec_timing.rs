@@ -4,23 +4,13 @@
 //! cargo test --release --test codec_timing -- --ignored --nocapture
 //! ```
 
+mod support;
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use procman::codec::{decode, encode, Limits};
 
-fn fixtures_root() -> PathBuf {
-    if let Ok(dir) = std::env::var("PROCMAN_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    let relative = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/fixtures");
-    if relative.is_dir() {
-        relative
-    } else {
-        PathBuf::from("/work/shared/reference/fixtures")
-    }
-}
+use support::fixtures_root;
 
 /// Mean time of `f` over enough runs to fill about 300 ms.
 fn time_per_call(mut f: impl FnMut()) -> Duration {

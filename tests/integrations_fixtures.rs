@@ -5,7 +5,7 @@
 //! Fixtures are found via `PROCMAN_FIXTURES`, else `../shared/reference/fixtures` relative to the crate, else
 //! `/work/shared/reference/fixtures`.
 
-use std::path::{Path, PathBuf};
+mod support;
 
 use procman::codec::{decode, Limits, Value};
 use procman::confman::{get_setup_request, parse_get_setup_reply};
@@ -13,16 +13,7 @@ use procman::setup::{device_ids_reply, devices_reply};
 use procman::storage::{HkRecord, HkValue};
 use procman::storage_manager::{register_request, save_request, success_message, unregister_request};
 
-fn fixtures_root() -> PathBuf {
-    if let Ok(dir) = std::env::var("PROCMAN_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    let relative = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/fixtures");
-    if relative.is_dir() {
-        return relative;
-    }
-    PathBuf::from("/work/shared/reference/fixtures")
-}
+use support::fixtures_root;
 
 fn load(rel: &str) -> Value {
     let path = fixtures_root().join("integration").join(rel);

@@ -72,7 +72,7 @@ def wait_fds(pid: int, target: int, timeout: float = 15.0) -> int:
 
 def request(port: int, frame: bytes, timeout_ms: int = REQUEST_TIMEOUT_MS) -> Any:
     """One request on a fresh REQ socket; the (leniently) unpickled reply, or ``TimeoutError``."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     s = ctx.socket(zmq.REQ)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(f"tcp://127.0.0.1:{port}")
@@ -152,10 +152,10 @@ class Tally:
 
 def client_loop(mix: Mix, offset: int, stop: threading.Event, tally: Tally, pause: float = 0.0) -> None:
     """One REQ socket per port, cycling through the mix until ``stop``; every reply checked."""
-    ctx = zmq.Context.instance()
-    socks: dict[int, zmq.Socket] = {}
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    socks: dict[int, zmq.Socket[bytes]] = {}
 
-    def sock(port: int) -> zmq.Socket:
+    def sock(port: int) -> zmq.Socket[bytes]:
         if port not in socks:
             s = ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
@@ -291,7 +291,7 @@ def test_subscriber_that_never_reads(site: CgseEnv, ours: OurDaemon, capsys: pyt
     p = site.ports
     svcs = request(p.pm_srv, pickle.dumps("send_commands"))
     assert request(p.pm_srv, command_execution(svcs["set_monitoring_frequency"], 5)) == pytest.approx(200, abs=20)
-    ctx = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     stuck = ctx.socket(zmq.SUB)
     stuck.setsockopt(zmq.LINGER, 0)
     stuck.setsockopt(zmq.RCVHWM, 1)
@@ -391,13 +391,13 @@ def test_dying_clients_half_open_and_churn(site: CgseEnv, ours: OurDaemon, capsy
     #    command among them), 100 raw peers that close or reset right after sending.
     cmds = request(p.pm_cmd, pickle.dumps("send_commands"))
     slow = command_execution(cmds["get_device_process_status"], process_command("StatusCommand", "DUMMY_01"))
-    ctx = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     for i in range(100):
-        s = ctx.socket(zmq.REQ)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(f"tcp://127.0.0.1:{p.pm_cmd if i % 2 else p.pm_srv}")
-        s.send(slow if i % 10 == 0 else PING)
-        s.close(0)
+        dying = ctx.socket(zmq.REQ)
+        dying.setsockopt(zmq.LINGER, 0)
+        dying.connect(f"tcp://127.0.0.1:{p.pm_cmd if i % 2 else p.pm_srv}")
+        dying.send(slow if i % 10 == 0 else PING)
+        dying.close(0)
     for i in range(100):
         raw_request(p.pm_cmd, PING, rst=bool(i % 2))
     figures.append(f"after 200 dying clients: fds {wait_fds(ours.pid, baseline)}, Ping {ping_ms(p.pm_cmd):.2f} ms")
@@ -428,13 +428,13 @@ def test_dying_clients_half_open_and_churn(site: CgseEnv, ours: OurDaemon, capsy
     # 3. 1,000 connect/disconnect cycles: 500 pyzmq (connect, Ping, close), 500 bare TCP connect/close.
     t0 = time.monotonic()
     for i in range(500):
-        s = ctx.socket(zmq.REQ)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(f"tcp://127.0.0.1:{p.pm_cmd if i % 2 else p.pm_srv}")
-        s.send(PING)
-        assert s.poll(5000), "no Pong during the churn"
-        assert pickle.loads(s.recv()) == "Pong"
-        s.close(0)
+        churn = ctx.socket(zmq.REQ)
+        churn.setsockopt(zmq.LINGER, 0)
+        churn.connect(f"tcp://127.0.0.1:{p.pm_cmd if i % 2 else p.pm_srv}")
+        churn.send(PING)
+        assert churn.poll(5000), "no Pong during the churn"
+        assert pickle.loads(churn.recv()) == "Pong"
+        churn.close(0)
     for _ in range(500):
         socket.create_connection(("127.0.0.1", p.pm_cmd), timeout=5).close()
     churn_s = time.monotonic() - t0

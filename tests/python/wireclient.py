@@ -51,7 +51,7 @@ def stand_in(module: str, name: str) -> type:
             found = type(part, (StandIn,), {"__module__": module, "__qualname__": qualname})
             setattr(owner, part, found)
         owner = found
-    return owner
+    return owner  # type: ignore[no-any-return]
 
 
 class _Unpickler(pickle.Unpickler):
