@@ -2,8 +2,8 @@
 
     scripts/in-netns.sh .venv/bin/python bench/bench.py [--quick] [--no-build] [--out FILE] [--update-md FILE]
 
-One run, one machine, one CGSE site: the Service Registry, Storage Manager and Configuration Manager (the
-original ``pm_cs`` needs them; ours does not use them yet) run throughout; the original ``pm_cs`` is measured
+One run, one machine, one CGSE site: the Service Registry, Storage Manager and Configuration Manager run
+throughout and both servers use them (register, heartbeat, Setup, housekeeping); the original ``pm_cs`` is measured
 first, then ours, on the same ports, with the same Setup (10 devices) and the same client code
 (``bench/pyclient.py``: pyzmq + pickle, run by the reference interpreter, as the original clients do). A
 low-overhead Rust client (``examples/wire_bench.rs``, raw ZMTP) measures both servers a second time, so that
