@@ -395,6 +395,8 @@ pub struct ProcmanSettings {
     pub max_concurrent_requests: usize,
     /// Monitoring messages kept for a subscriber that does not read; newer ones are dropped for it.
     pub pub_queue_per_subscriber: usize,
+    /// A connection that has not completed the ZMTP handshake by then is closed; zero = never.
+    pub handshake_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub state_dir: Option<PathBuf>,
     pub setup_file: Option<PathBuf>,
@@ -437,6 +439,7 @@ impl ProcmanSettings {
             },
             max_concurrent_requests: s.count(g, "MAX_CONCURRENT_REQUESTS")?,
             pub_queue_per_subscriber: s.count(g, "PUB_QUEUE_PER_SUBSCRIBER")?,
+            handshake_timeout: s.seconds(g, "HANDSHAKE_TIMEOUT")?,
             shutdown_timeout: s.seconds(g, "SHUTDOWN_TIMEOUT")?,
             state_dir: opt_path("STATE_DIR")?,
             setup_file: opt_path("SETUP_FILE")?,

@@ -185,6 +185,9 @@ pub async fn start(
     // gigabytes) disconnects that peer instead of being buffered.
     zeromq::limits::set_max_message_size(p.limits.max_frame_bytes.saturating_mul(2).max(1024 * 1024));
     zeromq::limits::set_pub_subscriber_queue(p.pub_queue_per_subscriber);
+    // A peer that connects and never finishes the handshake (a port scanner, a half-open connection)
+    // would otherwise hold a file descriptor until it goes away.
+    zeromq::limits::set_handshake_timeout(p.handshake_timeout);
     let (service_sock, service_port) = transport::bind_router(&pm.protocol, addr, pm.service_port, "service").await?;
     let (pub_sock, monitoring_port) = transport::bind_pub(&pm.protocol, addr, pm.monitoring_port, "monitoring").await?;
     let (cmd_sock, commanding_port) =

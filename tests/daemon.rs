@@ -266,6 +266,53 @@ async fn a_lying_frame_length_cannot_kill_the_daemon() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_completes_the_handshake_is_dropped() {
+    use std::io::{Read, Write};
+    let (d, _dir) = start("    HANDSHAKE_TIMEOUT: 0.3\n").await;
+    // The limit is process-wide and every start sets it: no other daemon may start meanwhile.
+    let _limit = FRAME_LIMIT.write().await;
+    zeromq::limits::set_handshake_timeout(Duration::from_millis(300));
+    let port = d.ports.commanding;
+    // Ten bytes of a greeting, then silence (a half-open or stalled peer).
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stalled.write_all(&[0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f]).unwrap();
+    // A connection that says nothing at all.
+    let mut mute = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    mute.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A real client that handshakes, then idles well past the limit: it is not affected.
+    let mut c = cmd_client(&d);
+    assert_pong(&mut c).await;
+    let t0 = std::time::Instant::now();
+    for (name, s) in [("stalled", &mut stalled), ("mute", &mut mute)] {
+        // Our side of the greeting may arrive first; the connection must then end (EOF or reset).
+        let mut buf = [0u8; 256];
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                    break false
+                }
+                Err(_) => break true,
+            }
+        };
+        assert!(closed, "{name}: connection still open after {:?}", t0.elapsed());
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "closed only after {:?}",
+        t0.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_pong(&mut c).await;
+    assert_pong(&mut cmd_client(&d)).await;
+    zeromq::limits::set_handshake_timeout(Duration::from_secs(10));
+    d.stop();
+    d.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitoring_publishes_status_at_the_configured_delay() {
     let (d, _dir) = start("").await;
     let mut s = svc_client(&d);

@@ -8,10 +8,10 @@ figures each test measures are printed (``-s`` not needed) so that CI logs carry
   reading subscriber keeps receiving every process event. The bound is ``Procman.PUB_QUEUE_PER_SUBSCRIBER``
   (default 1000 messages) queued in the daemon per subscriber, plus what the kernel buffers for the socket.
 * Clients that send a request and die, half-open TCP connections (a partial ZMTP greeting, then silence),
-  1,000 connect/disconnect cycles: the daemon keeps serving and its open fds return to the baseline.
+  1,000 connect/disconnect cycles: the daemon keeps serving and its open fds return to the baseline; a
+  half-open peer is dropped once ``Procman.HANDSHAKE_TIMEOUT`` (default 10 s) has passed.
 * Each peer (registry, Configuration Manager, Storage Manager) killed and restarted mid-run: the daemon
-  keeps answering and no request is lost. Written so that it also holds once the daemon talks to these
-  peers (the integrations branch): then it also has to be registered again after the registry's restart.
+  keeps answering, no request is lost, and it is registered again after the registry's restart.
 """
 
 from __future__ import annotations
@@ -405,6 +405,7 @@ def test_dying_clients_half_open_and_churn(site: CgseEnv, ours: OurDaemon, capsy
 
     # 2. Half-open connections: 100 peers that send 10 bytes of a greeting and go silent.
     half = []
+    t_half = time.monotonic()
     for _ in range(100):
         s = socket.create_connection(("127.0.0.1", p.pm_cmd), timeout=5)
         s.sendall(zmtp_greeting()[:10])
@@ -414,15 +415,20 @@ def test_dying_clients_half_open_and_churn(site: CgseEnv, ours: OurDaemon, capsy
     during = open_fds(ours.pid)
     time.sleep(4.0)
     still = open_fds(ours.pid)
+    # Still open on our side: the daemon drops them when the handshake limit (10 s by default) has passed.
+    dropped = wait_fds(ours.pid, baseline, timeout=10.0)
+    t_dropped = time.monotonic() - t_half
     for s in half:
         s.close()
     after_half = wait_fds(ours.pid, baseline)
     figures.append(
         f"100 half-open peers: Ping p50 {pctl(pings, 0.5):.2f} ms / max {max(pings):.2f} ms while they hang, "
-        f"fds {during} after 1 s and {still} after 5 s (the daemon keeps a silent peer until it goes), "
-        f"{after_half} after they closed"
+        f"fds {during} after 1 s and {still} after 5 s, {dropped} after {t_dropped:.1f} s (dropped by the "
+        f"handshake limit), {after_half} after they closed"
     )
     assert max(pings) < 1000
+    assert still > baseline, "the peers were dropped before the handshake limit"
+    assert dropped <= baseline, f"half-open peers still hold {dropped - baseline} fds after {t_dropped:.1f} s"
     assert after_half <= baseline
 
     # 3. 1,000 connect/disconnect cycles: 500 pyzmq (connect, Ping, close), 500 bare TCP connect/close.

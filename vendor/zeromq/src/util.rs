@@ -191,7 +191,18 @@ pub(crate) async fn peer_connected(
     mut raw_socket: FramedIo,
     backend: Arc<dyn MultiPeerBackend>,
 ) -> ZmqResult<PeerIdentity> {
-    let peer_id = peer_handshake(&mut raw_socket, backend.clone()).await?;
+    // procman patch: a peer that never completes the handshake must not hold its connection forever.
+    let peer_id = match crate::limits::handshake_timeout() {
+        Some(limit) => {
+            match crate::async_rt::task::timeout(limit, peer_handshake(&mut raw_socket, backend.clone()))
+                .await
+            {
+                Ok(result) => result?,
+                Err(_) => return Err(ZmqError::Other("ZMTP handshake timed out")),
+            }
+        }
+        None => peer_handshake(&mut raw_socket, backend.clone()).await?,
+    };
     backend.peer_connected(&peer_id, raw_socket).await;
     Ok(peer_id)
 }
