@@ -405,12 +405,12 @@ impl Controller {
         }
     }
 
-    /// Is the control server of a managed or known process answering?
-    async fn cs_alive(&self, id: &str, service_type: &str) -> (bool, Option<String>) {
+    /// How to tell whether the control server of a managed or known process is answering.
+    async fn cs_reach(&self, id: &str, service_type: &str) -> Reach {
         let managed = self.supervisor.get(id).ok();
         if let Some(r) = &managed {
             if !matches!(r.state, ProcessState::Running | ProcessState::Starting) {
-                return (false, None);
+                return Reach::Known(false);
             }
         }
         let endpoint = match self.supervisor.definition(id).and_then(|d| d.readiness.map(|r| r.ping)) {
@@ -420,11 +420,19 @@ impl Controller {
                 None => self.pinger.locator().commanding_endpoint(service_type).await,
             },
         };
-        match (&endpoint, &managed) {
-            (Some(ep), _) => (self.pinger.ping(ep).await, endpoint),
+        match (endpoint, &managed) {
+            (Some(ep), _) => Reach::Ping(ep),
             // Managed and running, but no way to reach its control server: trust the process state.
-            (None, Some(r)) => (r.state == ProcessState::Running, None),
-            (None, None) => (false, None),
+            (None, Some(r)) => Reach::Known(r.state == ProcessState::Running),
+            (None, None) => Reach::Known(false),
+        }
+    }
+
+    /// Is the control server of a managed or known process answering?
+    async fn cs_alive(&self, id: &str, service_type: &str) -> bool {
+        match self.cs_reach(id, service_type).await {
+            Reach::Ping(ep) => self.pinger.ping(&ep).await,
+            Reach::Known(alive) => alive,
         }
     }
 
@@ -440,7 +448,7 @@ impl Controller {
                 .find(|(n, _)| *n == name)
                 .map(|(_, t)| t.clone())
                 .unwrap_or_else(|| name.to_uppercase());
-            self.cs_alive(&name, &service_type).await.0
+            self.cs_alive(&name, &service_type).await
         };
         Ok(Value::dict([
             ("core_service_name", Value::Str(name)),
@@ -450,27 +458,35 @@ impl Controller {
 
     async fn device_process_status(&self, cmd: ProcessCommand) -> Result<Value, CommandError> {
         let id = cmd.device_id.clone();
-        let (alive, endpoint) = self.cs_alive(&id, &id.to_uppercase()).await;
+        // A control server that announces these commands can say more than a Ping: one connection asks all.
+        let (alive, answers) = match self.cs_reach(&id, &id.to_uppercase()).await {
+            Reach::Known(alive) => (alive, vec![]),
+            Reach::Ping(ep) => match self
+                .pinger
+                .ping_and_ask(&ep, &["is_connected", "is_simulator_mode"])
+                .await
+            {
+                Some(answers) => (true, answers),
+                None => (false, vec![]),
+            },
+        };
         if !alive {
             return Ok(Value::dict([
                 ("device_id", Value::Str(id)),
                 ("cs_is_active", Value::Bool(false)),
             ]));
         }
-        // A control server that announces these commands can say more than a Ping.
         let mut connected = true;
         let mut simulator = self
             .supervisor
             .get(&id)
             .map(|r| r.definition.simulator)
             .unwrap_or(false);
-        if let Some(ep) = &endpoint {
-            if let Some(Value::Bool(b)) = self.pinger.call_if_announced(ep, "is_connected").await {
-                connected = b;
-            }
-            if let Some(Value::Bool(b)) = self.pinger.call_if_announced(ep, "is_simulator_mode").await {
-                simulator = b;
-            }
+        if let Some(Some(Value::Bool(b))) = answers.first() {
+            connected = *b;
+        }
+        if let Some(Some(Value::Bool(b))) = answers.get(1) {
+            simulator = *b;
         }
         Ok(Value::dict([
             ("device_id", Value::Str(id)),
@@ -677,6 +693,14 @@ pub fn event_value(e: &ProcessEvent) -> Value {
         ("exit_signal", opt(e.exit_signal)),
         ("time", Value::Float(e.time)),
     ])
+}
+
+/// How a status command learns whether a control server answers.
+enum Reach {
+    /// `Ping` it here.
+    Ping(String),
+    /// Known without asking (not running, or nothing to ping: the process state decides).
+    Known(bool),
 }
 
 #[cfg(test)]

@@ -56,12 +56,24 @@ impl Pinger {
         }
     }
 
-    /// Call a command of the control server at `endpoint` if it announces it (e.g. `is_connected`).
-    pub async fn call_if_announced(&self, endpoint: &str, name: &str) -> Option<Value> {
+    /// `Ping` the control server at `endpoint`, then call those of `names` it announces (e.g.
+    /// `is_connected`), all on one connection. None: no `Pong`. Per name: its reply, or None when it is
+    /// not announced or failed.
+    pub async fn ping_and_ask(&self, endpoint: &str, names: &[&str]) -> Option<Vec<Option<Value>>> {
         let mut c = ControlClient::new(endpoint, self.timeout);
-        c.load_commands().await.ok()?;
-        c.command(name)?;
-        c.call(name, vec![], vec![]).await.ok()
+        if !c.ping(self.timeout).await {
+            return None;
+        }
+        let mut answers = vec![None; names.len()];
+        if names.is_empty() || c.load_commands().await.is_err() {
+            return Some(answers);
+        }
+        for (slot, name) in answers.iter_mut().zip(names) {
+            if c.command(name).is_some() {
+                *slot = c.call(name, vec![], vec![]).await.ok();
+            }
+        }
+        Some(answers)
     }
 }
 
@@ -76,5 +88,97 @@ impl ReadinessProbe for Pinger {
                 None => false,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use zeromq::{SocketRecv, SocketSend, ZmqMessage};
+
+    use crate::codec::{self, Limits, Object, ObjectKind};
+    use crate::protocol::Request;
+    use crate::transport;
+
+    fn command_object(name: &str) -> Value {
+        Value::Object(Box::new(Object {
+            class: Value::global("egse.command", "ClientServerCommand"),
+            kind: ObjectKind::NewObj,
+            args: vec![],
+            kwargs: vec![],
+            state: Some(Value::dict([("_name", Value::str(name))])),
+            list_items: vec![],
+            dict_items: vec![],
+        }))
+    }
+
+    /// A device control server announcing `is_connected` (false) and `is_simulator_mode` (true) when
+    /// `announce`; records the connection (ROUTER peer id) and name of every request.
+    async fn fake_device(announce: bool, seen: Arc<Mutex<Vec<(Bytes, String)>>>) -> (u16, tokio::task::JoinHandle<()>) {
+        let (mut router, port) = transport::bind_router("tcp", "127.0.0.1", 0, "device").await.unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok(m) = router.recv().await {
+                let mut f = m.into_vec();
+                let req = Request::from_value(codec::decode(f.last().unwrap(), &Limits::default()).unwrap());
+                let name = req.name.clone().unwrap_or_default();
+                seen.lock().unwrap().push((f[0].clone(), name.clone()));
+                let reply = match name.as_str() {
+                    "Ping" => Value::str("Pong"),
+                    "send_commands" if announce => Value::dict([
+                        ("is_connected", command_object("is_connected")),
+                        ("is_simulator_mode", command_object("is_simulator_mode")),
+                    ]),
+                    "send_commands" => Value::Dict(vec![]),
+                    "is_connected" => Value::Bool(false),
+                    "is_simulator_mode" => Value::Bool(true),
+                    other => crate::protocol::invalid_command(other),
+                };
+                f.pop();
+                f.push(Bytes::from(codec::encode(&reply)));
+                let _ = router.send(ZmqMessage::try_from(f).unwrap()).await;
+            }
+        });
+        (port, task)
+    }
+
+    fn pinger() -> Pinger {
+        Pinger::new(Arc::new(NoLocator), Duration::from_millis(500))
+    }
+
+    #[tokio::test]
+    async fn ping_and_ask_uses_one_connection_and_asks_only_what_is_announced() {
+        let seen = Arc::new(Mutex::new(vec![]));
+        let (port, task) = fake_device(true, seen.clone()).await;
+        let ep = format!("tcp://127.0.0.1:{port}");
+        let answers = pinger()
+            .ping_and_ask(&ep, &["is_connected", "is_simulator_mode", "not_announced"])
+            .await;
+        assert_eq!(
+            answers,
+            Some(vec![Some(Value::Bool(false)), Some(Value::Bool(true)), None])
+        );
+        let seen = seen.lock().unwrap().clone();
+        let names: Vec<&str> = seen.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["Ping", "send_commands", "is_connected", "is_simulator_mode"]);
+        let connections: HashSet<&Bytes> = seen.iter().map(|(peer, _)| peer).collect();
+        assert_eq!(connections.len(), 1, "one connection for the whole status");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn ping_and_ask_without_announced_commands_or_without_a_server() {
+        let seen = Arc::new(Mutex::new(vec![]));
+        let (port, task) = fake_device(false, seen.clone()).await;
+        let ep = format!("tcp://127.0.0.1:{port}");
+        let answers = pinger().ping_and_ask(&ep, &["is_connected", "is_simulator_mode"]).await;
+        assert_eq!(answers, Some(vec![None, None]));
+        assert_eq!(seen.lock().unwrap().len(), 2, "Ping and send_commands only");
+        task.abort();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pinger().ping_and_ask(&ep, &["is_connected"]).await, None);
     }
 }
