@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "python"))
 
 from refenv import free_ports, in_private_netns
-from wireclient import PING, dict_cmd, is_failure, loads
+from wireclient import PING, dict_cmd, is_failure, loads, request
 
 PM_CS = REPO / "target" / "release" / "pm_cs"
 
@@ -157,21 +157,6 @@ def sub_loop(port: int, stop: threading.Event, counters: Counters) -> None:
     s.close(0)
 
 
-def request(port: int, frame: bytes, timeout_ms: int = 5000) -> Any:
-    """One request on a fresh REQ socket; the reply, or ``TimeoutError``."""
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        s.send(frame)
-        if not s.poll(timeout_ms):
-            raise TimeoutError(f"no reply on port {port}")
-        return loads(s.recv())
-    finally:
-        s.close(0)
-
-
 def ping(port: int) -> bool:
     try:
         return request(port, PING, 300) == "Pong"
@@ -181,7 +166,7 @@ def ping(port: int) -> bool:
 
 def list_processes(port: int) -> dict[str, dict[str, Any]]:
     try:
-        reply = request(port, dict_cmd("list_processes"))
+        reply = request(port, dict_cmd("list_processes"), 5000)
     except TimeoutError:
         return {}
     return {r["id"]: r for r in reply["processes"]}
@@ -293,7 +278,7 @@ def main() -> int:
             time.sleep(0.1)
         for pid in ("CRASHLOOP", "CHATTY", "SLEEPER"):
             start = {"device_id": pid, "cgse_cmd": "", "device_args": [], "is_simulator_mode": False}
-            if not request(cmd_port, dict_cmd("start_process", start)) is None:
+            if not request(cmd_port, dict_cmd("start_process", start), 5000) is None:
                 raise RuntimeError(f"start_process {pid} failed")
         cmd_mix = [
             PING,

@@ -31,11 +31,18 @@ import pytest
 import zmq
 from ourdaemon import OurDaemon
 from refenv import CgseEnv, in_private_netns, registry_request
-from wireclient import PING, command_execution, dict_cmd, is_failure, loads, process_command
+from wireclient import (
+    PING,
+    REQUEST_TIMEOUT_MS,
+    command_execution,
+    dict_cmd,
+    is_failure,
+    loads,
+    process_command,
+    request,
+)
 
 pytestmark = [pytest.mark.refenv, pytest.mark.slow]
-
-REQUEST_TIMEOUT_MS = 10_000
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -68,21 +75,6 @@ def wait_fds(pid: int, target: int, timeout: float = 15.0) -> int:
         time.sleep(0.1)
         n = open_fds(pid)
     return n
-
-
-def request(port: int, frame: bytes, timeout_ms: int = REQUEST_TIMEOUT_MS) -> Any:
-    """One request on a fresh REQ socket; the (leniently) unpickled reply, or ``TimeoutError``."""
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    s = ctx.socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        s.send(frame)
-        if not s.poll(timeout_ms):
-            raise TimeoutError(f"no reply on port {port} within {timeout_ms} ms")
-        return loads(s.recv())
-    finally:
-        s.close(0)
 
 
 def ping_ms(port: int, timeout_ms: int = 2000) -> float:

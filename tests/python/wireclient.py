@@ -17,7 +17,10 @@ import sys
 import types
 from typing import Any
 
+import zmq
+
 PING = pickle.dumps("Ping", protocol=4)
+REQUEST_TIMEOUT_MS = 10_000
 
 
 class StandIn:
@@ -97,3 +100,18 @@ def is_failure(reply: Any) -> bool:
 def dict_cmd(name: str, *args: Any, **kwargs: Any) -> bytes:
     """A pickled dict-form request for command ``name``."""
     return pickle.dumps({"cmd": name, "args": list(args), "kwargs": kwargs}, protocol=4)
+
+
+def request(port: int, frame: bytes, timeout_ms: int = REQUEST_TIMEOUT_MS) -> Any:
+    """One request on a fresh REQ socket to 127.0.0.1:``port``; the reply (``loads``), or ``TimeoutError``."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        s.send(frame)
+        if not s.poll(timeout_ms):
+            raise TimeoutError(f"no reply on port {port} within {timeout_ms} ms")
+        return loads(s.recv())
+    finally:
+        s.close(0)
