@@ -1,6 +1,6 @@
 """Load and fault suite: our daemon under concurrent load, slow and broken clients, and dying peers.
 
-Bounded (the whole file takes about three minutes), loopback only (run through ``scripts/in-netns.sh``). The
+Bounded (the whole file took 128 s on a 2-core VM), loopback only (run through ``scripts/in-netns.sh``). The
 figures each test measures are printed (``-s`` not needed) so that CI logs carry them.
 
 * 64 concurrent clients, commanding and service requests mixed, 30 s: no error reply, no lost reply.
