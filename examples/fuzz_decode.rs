@@ -133,12 +133,7 @@ impl Rng {
 // --- corpus ----------------------------------------------------------------------------------------
 
 fn default_fixtures() -> PathBuf {
-    let relative = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/fixtures");
-    if relative.is_dir() {
-        relative
-    } else {
-        PathBuf::from("/work/shared/reference/fixtures")
-    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn collect(dir: &Path, out: &mut Vec<Vec<u8>>) {

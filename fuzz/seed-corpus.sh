@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Seed the libFuzzer corpora from the captured reference frames (not committed: see README.md).
 #
-#   fuzz/seed-corpus.sh [FIXTURES_DIR]     # default: ../shared/reference/fixtures next to the repository
+#   fuzz/seed-corpus.sh [FIXTURES_DIR]     # default: tests/fixtures of the repository
 #
 # decode gets every captured pickle (requests, replies, monitoring messages); dispatch gets the requests and
 # the monitoring messages. Files are copied under their SHA-1, so running it again adds nothing twice.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-fixtures=${1:-$here/../../shared/reference/fixtures}
+fixtures=${1:-$here/../tests/fixtures}
 [[ -d "$fixtures" ]] || { echo "seed-corpus.sh: no fixtures directory $fixtures" >&2; exit 1; }
 mkdir -p "$here/corpus/decode" "$here/corpus/dispatch"
 copy() { # target file

@@ -55,7 +55,8 @@ log "venv with $($PYTHON --version 2>&1) in $WORK"
 "$PYTHON" -m venv "$VENV"
 log "pip install $ROOT (builds the extension)"
 "$PY" -m pip install --quiet "$ROOT"
-[ -x "$VENV/bin/pm_cs" ] || fail "no pm_cs console script in $VENV/bin"
+[ -x "$VENV/bin/procman_cs" ] || fail "no procman_cs console script in $VENV/bin"
+[ ! -e "$VENV/bin/pm_cs" ] || fail "a pm_cs script: that name is cgse-core's (README, Installing into a CGSE environment)"
 
 # Everything below runs outside the source tree, on loopback, with the CGSE environment of this check only.
 cd "$WORK"
@@ -91,7 +92,7 @@ log "ports $CMD/$MON/$SVC"
 "$PY" -c "from egse.procman import ProcessManagerProxy" || fail "import"
 "$PY" - <<'EOF' || fail "installed package"
 import egse, egse.procman
-assert "site-packages" in egse.procman.__file__, egse.procman.__file__
+assert "site-packages/_cgse_procman/" in egse.procman.__file__, egse.procman.__file__
 assert getattr(egse, "__file__", None) is None, "egse must stay a namespace package"
 EOF
 log "import OK"

@@ -7,7 +7,8 @@
 # Steps: formatting and lints; Rust unit and integration tests; one million fuzzed inputs through the pickle
 # decoder; the Python test venv; the reference venv (cgse-core 0.25.11, the original implementation); the
 # Python tests against the real CGSE services, inside a private network namespace (loopback only), among them
-# the load and fault suite (tests/python/test_load_faults.py, about 3 minutes).
+# the load and fault suite (tests/python/test_load_faults.py, about 3 minutes) and our wheel installed next to
+# cgse-core in one venv (tests/python/test_cgse_install.py; inputs from scripts/prepare-cgse-install.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -55,6 +56,9 @@ step "format, lint and type checks (Python)"
 
 step "fresh install: new venv, pip install ., start-bg / status / stop"
 bash scripts/check-fresh-install.sh
+
+step "inputs of the CGSE-installation test: our wheel (release) and cgse-core's wheelhouse (downloaded once)"
+bash scripts/prepare-cgse-install.sh
 
 step "waiting for the reference venv"
 if ! wait "$REF_PID"; then cat "$REF_LOG"; echo "reference venv setup failed" >&2; exit 1; fi

@@ -17,19 +17,28 @@ use std::collections::HashMap;
 
 use tokio::sync::mpsc;
 
-use crate::config::{ConfigError, IntegrationSettings, NotifyHubSettings, PeerSettings, RegistrySettings};
-use crate::confman::{ConfmanConfig, ConfmanSetup};
-use crate::controller::{event_value, Controller, SupervisorCounts};
+use tokio_util::sync::CancellationToken;
+
+use crate::cgse::confman::{ConfmanConfig, ConfmanSetup};
+use crate::cgse::metrics_hub::{ListProcesses, MetricsSink, ProcessSample};
+use crate::cgse::push::{PushConfig, PushTarget, Pusher};
+use crate::cgse::registry::{Registration, RegistrationConfig, RegistryLocator, StaleRecordCleaner};
+use crate::cgse::signals::SignalWatcher;
+use crate::cgse::storage::{HousekeepingSink, LocalCsv};
+use crate::cgse::storage_manager::{StorageManagerConfig, StorageManagerSink};
+use crate::config::{
+    ConfigError, IntegrationSettings, NotifyHubSettings, PeerSettings, PushPeerSettings, RegistrySettings,
+};
+use crate::controller::{event_value, Controller, PeerStatus, SupervisorCounts};
 use crate::daemon::{DaemonConfig, DaemonError, HookFuture, Integrations, Lifecycle};
 use crate::housekeeping::Housekeeping;
 use crate::monitor::StatusSampler;
 use crate::probe::{Locator, NoLocator, Pinger};
-use crate::registry::{Registration, RegistrationConfig, RegistryLocator};
 use crate::server::Ports;
 use crate::setup::{LocalSetup, SetupSource};
-use crate::storage::{HousekeepingSink, LocalCsv};
-use crate::storage_manager::{StorageManagerConfig, StorageManagerSink};
-use crate::supervisor::{ProcessTable, Supervisor, SupervisorConfig, SupervisorHandle};
+use crate::supervisor::{
+    PingTarget, ProcessDefinition, ProcessState, ProcessTable, Supervisor, SupervisorConfig, SupervisorHandle,
+};
 use crate::transport;
 
 /// The process table compiled into the binary.
@@ -144,14 +153,130 @@ pub fn registration(config: &DaemonConfig) -> Result<Arc<Registration>, ConfigEr
     })))
 }
 
-/// Integrations that must know when the daemon starts and stops: the registry registration.
-pub async fn lifecycle_hooks(config: &DaemonConfig) -> Vec<Arc<dyn Lifecycle>> {
-    match registration(config) {
-        Ok(r) => vec![r as Arc<dyn Lifecycle>],
-        Err(e) => {
-            warn!(error = %e, "Service Registry settings unusable: the daemon will not register");
-            Vec::new()
+/// Integrations that must know when the daemon starts and stops: the registry registration, and the
+/// watcher of CGSE signal files that asks it to re-register.
+pub fn lifecycle_hooks(config: &DaemonConfig, registration: Option<Arc<Registration>>) -> Vec<Arc<dyn Lifecycle>> {
+    match registration {
+        Some(r) => {
+            let signals = SignalWatcher::new(
+                config.procman.signal_dir.clone(),
+                config.pm.process_name.clone(),
+                r.clone(),
+            );
+            vec![r as Arc<dyn Lifecycle>, Arc::new(signals)]
         }
+        None => Vec::new(),
+    }
+}
+
+/// A PUSH peer's sender configuration from its settings group.
+fn push_config(
+    config: &DaemonConfig,
+    peer: &str,
+    group: &str,
+    default_type: &str,
+    port_key: &str,
+    metadata_key: &str,
+    queue: usize,
+) -> Result<PushConfig, ConfigError> {
+    let (i, registry) = integration_settings(config)?;
+    let p = PushPeerSettings::from_settings(&config.settings, group, default_type, port_key)?;
+    Ok(PushConfig {
+        target: PushTarget {
+            peer: peer.to_owned(),
+            hostname: p.hostname,
+            port: p.port,
+            service_type: p.service_type,
+            metadata_key: metadata_key.to_owned(),
+            registry,
+            registry_timeout: i.registry_timeout,
+        },
+        queue,
+        connect_timeout: i.peer_connect_timeout,
+        send_timeout: i.peer_timeout,
+        retry: Duration::from_secs(1),
+    })
+}
+
+/// Our log records also go to the CGSE Logger (`log_cs`); its status line for `pm_cs status`.
+pub fn remote_logging(config: &DaemonConfig) -> Option<PeerStatus> {
+    if let Some(f) = crate::cgse::logger::installed() {
+        // An earlier daemon in this process installed it (tests): report that one.
+        let p = f.pusher.clone();
+        return Some(Arc::new(move || p.describe()));
+    }
+    let group = crate::cgse::logger::GROUP;
+    match push_config(
+        config,
+        "Logger",
+        group,
+        "LOG_CS",
+        "RECEIVER_PORT",
+        "receiver_port",
+        config.procman.log_queue,
+    ) {
+        Ok(pc) => {
+            let pusher = Pusher::start(pc, CancellationToken::new());
+            let status = pusher.clone();
+            crate::cgse::logger::install(crate::cgse::logger::Forward {
+                pusher,
+                process_name: config.pm.process_name.clone(),
+            });
+            Some(Arc::new(move || status.describe()))
+        }
+        Err(e) => {
+            warn!(error = %e, "Logging Control Server settings unusable: logs stay local");
+            None
+        }
+    }
+}
+
+/// Housekeeping also goes to the CGSE Metrics Hub: `storage` wrapped so every record becomes data points.
+pub fn with_metrics(
+    config: &DaemonConfig,
+    storage: Arc<dyn HousekeepingSink>,
+    supervisor: &SupervisorHandle,
+) -> (Arc<dyn HousekeepingSink>, Option<PeerStatus>) {
+    let group = crate::cgse::metrics_hub::GROUP;
+    match push_config(
+        config,
+        "Metrics Hub",
+        group,
+        "MH_CS",
+        "COLLECTOR_PORT",
+        "collector_port",
+        config.procman.metrics_queue,
+    ) {
+        Ok(pc) => {
+            let pusher = Pusher::start(pc, CancellationToken::new());
+            let handle = supervisor.clone();
+            let list: ListProcesses = Arc::new(move || handle.list().1.iter().map(ProcessSample::from).collect());
+            let sink = Arc::new(MetricsSink::new(
+                storage,
+                pusher.clone(),
+                config.pm.storage_mnemonic.clone(),
+                config.site_id(),
+                Some(list),
+            ));
+            (sink, Some(Arc::new(move || pusher.describe())))
+        }
+        Err(e) => {
+            warn!(error = %e, "Metrics Hub settings unusable: housekeeping goes to storage only");
+            (storage, None)
+        }
+    }
+}
+
+/// Gives the last log records a moment to reach the Logger at shutdown.
+struct LoggerFlush;
+
+impl Lifecycle for LoggerFlush {
+    fn started(&self, _ports: Ports) -> HookFuture<'_> {
+        Box::pin(async {})
+    }
+
+    fn stopping(&self) -> HookFuture<'_> {
+        Box::pin(crate::cgse::logger::flush(Duration::from_millis(300)))
     }
 }
 
@@ -239,13 +364,37 @@ pub async fn integrations(config: &DaemonConfig) -> Result<Integrations, DaemonE
     sup_config.log.max_bytes = config.procman.log_max_bytes;
     sup_config.log.backups = config.procman.log_backups;
     sup_config.log.tail_lines = config.procman.log_tail_lines;
+    sup_config.max_client_processes = config.procman.max_client_processes;
     let supervisor = Supervisor::spawn(sup_config, Vec::new(), ev_tx, Some(Arc::new(pinger.clone())))
         .map_err(|e| DaemonError::Setup(format!("process supervisor: {e}")))?;
     info!(state = %state_dir.display(), logs = %log_dir.display(), "process supervisor ready");
-    // Supervisor events become monitoring messages.
+    let registration = match registration(config) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!(error = %e, "Service Registry settings unusable: the daemon will not register");
+            None
+        }
+    };
+    let registry_port = integration_settings(config).ok().map(|(i, registry)| {
+        // Before a CGSE service is restarted, the stale record of the instance just reaped goes.
+        let port = registry.requester_port;
+        supervisor.set_restart_hook(Arc::new(StaleRecordCleaner::new(registry, i.registry_timeout)));
+        port
+    });
+    // Supervisor events become monitoring messages; the Service Registry we run becoming ready is our cue to
+    // register at once.
     let (out_tx, out_rx) = mpsc::channel(4096);
+    let (events_sup, events_registration) = (supervisor.clone(), registration.clone());
     tokio::spawn(async move {
         while let Some(e) = ev_rx.recv().await {
+            if e.new_state == ProcessState::Running {
+                if let (Some(r), Some(def)) = (&events_registration, events_sup.definition(&e.id)) {
+                    if is_service_registry(&def, registry_port) {
+                        info!(process = %e.id, "the Service Registry is ready: registering now");
+                        r.retry_now();
+                    }
+                }
+            }
             if out_tx.send(event_value(&e)).await.is_err() {
                 break;
             }
@@ -257,8 +406,9 @@ pub async fn integrations(config: &DaemonConfig) -> Result<Integrations, DaemonE
         config.pm.process_name.clone(),
     ];
     let setup = setup_source(config).await;
-    let storage = storage_sink(config).await;
-    let mut lifecycle = lifecycle_hooks(config).await;
+    let logger = remote_logging(config);
+    let (storage, metrics) = with_metrics(config, storage_sink(config).await, &supervisor);
+    let mut lifecycle = lifecycle_hooks(config, registration);
     let controller = Controller::new(
         core_processes(&table),
         setup.clone(),
@@ -270,11 +420,20 @@ pub async fn integrations(config: &DaemonConfig) -> Result<Integrations, DaemonE
         self_names,
     )
     .with_integration_status(lifecycle.clone(), storage.clone());
+    let controller = match logger {
+        Some(s) => controller.with_peer_status("logger", s),
+        None => controller,
+    };
+    let controller = match metrics {
+        Some(s) => controller.with_peer_status("metrics", s),
+        None => controller,
+    };
     controller.define_all().await;
     lifecycle.push(Arc::new(SupervisorLifecycle {
         handle: supervisor.clone(),
         stop_children: config.procman.stop_children_on_exit,
     }));
+    lifecycle.push(Arc::new(LoggerFlush));
     Ok(Integrations {
         commanding: Arc::new(controller),
         storage,
@@ -285,12 +444,22 @@ pub async fn integrations(config: &DaemonConfig) -> Result<Integrations, DaemonE
     })
 }
 
+/// Whether a managed process is the Service Registry the daemon registers with: its readiness is a TCP
+/// connection to the registry's request port, or it is named `Service Registry`.
+fn is_service_registry(def: &ProcessDefinition, registry_port: Option<u16>) -> bool {
+    let by_port = matches!(
+        (&def.readiness, registry_port),
+        (Some(r), Some(p)) if matches!(r.ping, PingTarget::Tcp { port, .. } if port == p)
+    );
+    by_port || def.id == "Service Registry"
+}
+
 /// Find a running Process Manager whose ports are dynamic: (commanding, service) endpoints, from its
 /// registry record (`host`:`port`, and `metadata.service_port`).
 pub async fn discover_pm(config: &DaemonConfig) -> Result<(String, String), String> {
     let (i, registry) = integration_settings(config).map_err(|e| e.to_string())?;
     let service_type = &config.pm.service_type;
-    let record = crate::registry::discover(&registry, service_type, i.registry_timeout)
+    let record = crate::cgse::registry::discover(&registry, service_type, i.registry_timeout)
         .await
         .map_err(|e| format!("No service registered as '{service_type}' and no port provided ({e})"))?;
     let service_port = record.metadata_port("service_port").ok_or_else(|| {

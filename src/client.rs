@@ -70,10 +70,6 @@ impl ControlClient {
         self.timeout
     }
 
-    pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
-    }
-
     /// Bound the connection phase separately, so that a peer that is down costs little.
     pub fn set_connect_timeout(&mut self, limit: Duration) {
         self.req.set_connect_timeout(limit);
@@ -82,11 +78,6 @@ impl ControlClient {
     /// Fail at once when nothing listens (for callers that retry on their own).
     pub fn set_refused_is_final(&mut self, yes: bool) {
         self.req.set_refused_is_final(yes);
-    }
-
-    /// True while the underlying socket is kept (after a failure it is dropped and recreated).
-    pub fn is_connected(&self) -> bool {
-        self.req.is_connected()
     }
 
     /// Drop the socket; the next request reconnects.

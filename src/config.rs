@@ -232,6 +232,28 @@ impl Settings {
         }
     }
 
+    /// A list of strings: a YAML list, or one string of comma-separated items; absent or null = empty.
+    pub fn string_list(&self, group: &str, key: &str) -> Result<Vec<String>, ConfigError> {
+        let items: Vec<String> = match self.raw(group, key) {
+            None | Some(Json::Null) => Vec::new(),
+            Some(Json::String(s)) => s.split(',').map(str::to_owned).collect(),
+            Some(Json::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Json::String(s) => Ok(s.clone()),
+                    Json::Number(n) => Ok(n.to_string()),
+                    other => Err(self.bad(group, key, format!("has item {other}, expected strings"))),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(self.bad(group, key, format!("has value {other}, expected a list of strings"))),
+        };
+        Ok(items
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect())
+    }
+
     /// A positive count.
     pub fn count(&self, group: &str, key: &str) -> Result<usize, ConfigError> {
         let v = self.raw(group, key).ok_or_else(|| self.missing(group, key))?;
@@ -271,7 +293,7 @@ fn json_f64(v: &Json) -> Option<f64> {
     }
 }
 
-/// The CGSE environment variables (INTEGRATION.md §1.1), read once.
+/// The CGSE environment variables, read once.
 #[derive(Debug, Clone, Default)]
 pub struct Env {
     /// `PROJECT` (defaults to `CGSE`, with a note in the log).
@@ -397,6 +419,23 @@ pub struct ProcmanSettings {
     pub pub_queue_per_subscriber: usize,
     /// A connection that has not completed the ZMTP handshake by then is closed; zero = never.
     pub handshake_timeout: Duration,
+    /// A client that has sent nothing for this long is disconnected; zero = never.
+    pub idle_timeout: Duration,
+    /// Replies queued for one client; a client that lets more pile up (it does not read) is dropped.
+    pub peer_send_queue: usize,
+    /// Connections one server socket keeps (connected plus in handshake); more are closed at once.
+    pub max_connections: usize,
+    /// Bytes of frames above 64 KiB being received at once, all sockets together; past it the sending
+    /// peer is disconnected.
+    pub max_receiving_bytes: usize,
+    /// Shortest and longest monitoring / housekeeping period a `set_*_frequency` can set.
+    pub min_period: Duration,
+    pub max_period: Duration,
+    /// `add_listener`: most listeners, longest name (bytes).
+    pub max_listeners: usize,
+    pub max_listener_name: usize,
+    /// Hosts and networks allowed to send state-changing commands; empty = this host's own addresses.
+    pub control_allow: Vec<String>,
     pub shutdown_timeout: Duration,
     pub state_dir: Option<PathBuf>,
     pub setup_file: Option<PathBuf>,
@@ -408,6 +447,13 @@ pub struct ProcmanSettings {
     pub log_max_bytes: u64,
     pub log_backups: u32,
     pub log_tail_lines: usize,
+    /// Where CGSE tools drop command files for us (`/tmp/cgse_signals` in CGSE).
+    pub signal_dir: PathBuf,
+    /// Log records queued for the Logger, and data points for the Metrics Hub; more are dropped (counted).
+    pub log_queue: usize,
+    pub metrics_queue: usize,
+    /// Client-created process definitions (legacy launchers) allowed at a time.
+    pub max_client_processes: usize,
 }
 
 impl ProcmanSettings {
@@ -416,6 +462,15 @@ impl ProcmanSettings {
         let hk = s.seconds(g, "HOUSEKEEPING_PERIOD")?;
         if hk.is_zero() {
             return Err(s.bad(g, "HOUSEKEEPING_PERIOD", "is 0, expected a period > 0 seconds".into()));
+        }
+        let min_period = s.seconds(g, "MIN_PERIOD")?;
+        let max_period = s.seconds(g, "MAX_PERIOD")?;
+        if min_period.is_zero() || max_period < min_period {
+            return Err(s.bad(
+                g,
+                "MIN_PERIOD",
+                format!("must be > 0 and <= MAX_PERIOD ({max_period:?}), got {min_period:?}"),
+            ));
         }
         let opt_path = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
             let v = s.string_or(g, key, "")?;
@@ -440,6 +495,15 @@ impl ProcmanSettings {
             max_concurrent_requests: s.count(g, "MAX_CONCURRENT_REQUESTS")?,
             pub_queue_per_subscriber: s.count(g, "PUB_QUEUE_PER_SUBSCRIBER")?,
             handshake_timeout: s.seconds(g, "HANDSHAKE_TIMEOUT")?,
+            peer_send_queue: s.count(g, "PEER_SEND_QUEUE")?,
+            idle_timeout: s.seconds(g, "IDLE_TIMEOUT")?,
+            max_connections: s.count(g, "MAX_CONNECTIONS")?,
+            max_receiving_bytes: s.count(g, "MAX_RECEIVING_BYTES")?,
+            min_period,
+            max_period,
+            max_listeners: s.count(g, "MAX_LISTENERS")?,
+            max_listener_name: s.count(g, "MAX_LISTENER_NAME")?,
+            control_allow: s.string_list(g, "CONTROL_ALLOW")?,
             shutdown_timeout: s.seconds(g, "SHUTDOWN_TIMEOUT")?,
             state_dir: opt_path("STATE_DIR")?,
             setup_file: opt_path("SETUP_FILE")?,
@@ -449,6 +513,36 @@ impl ProcmanSettings {
             log_backups: u32::try_from(s.count(g, "LOG_BACKUPS")?)
                 .map_err(|_| s.bad(g, "LOG_BACKUPS", "is too large".into()))?,
             log_tail_lines: s.count(g, "LOG_TAIL_LINES")?,
+            max_client_processes: s.count(g, "MAX_CLIENT_PROCESSES")?,
+            signal_dir: opt_path("SIGNAL_DIR")?
+                .unwrap_or_else(|| PathBuf::from(crate::cgse::signals::DEFAULT_SIGNAL_DIR)),
+            log_queue: s.count(g, "LOG_FORWARD_QUEUE")?,
+            metrics_queue: s.count(g, "METRICS_QUEUE")?,
+        })
+    }
+}
+
+/// Where a peer that takes PUSH messages listens (the Logger's receiver, the Metrics Hub's collector).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushPeerSettings {
+    pub service_type: String,
+    pub hostname: String,
+    /// 0 = the port its registry record announces.
+    pub port: u16,
+}
+
+impl PushPeerSettings {
+    /// `group`'s `SERVICE_TYPE`, `HOSTNAME` and `port_key` (`RECEIVER_PORT`, `COLLECTOR_PORT`).
+    pub fn from_settings(
+        s: &Settings,
+        group: &str,
+        default_type: &str,
+        port_key: &str,
+    ) -> Result<PushPeerSettings, ConfigError> {
+        Ok(PushPeerSettings {
+            service_type: s.string_or(group, "SERVICE_TYPE", default_type)?,
+            hostname: s.string_or(group, "HOSTNAME", "localhost")?,
+            port: s.port_or(group, port_key, 0)?,
         })
     }
 }
@@ -564,7 +658,17 @@ mod tests {
         assert_eq!(pm.service_type, "PM_CS");
         assert_eq!(pm.monitoring_delay, Duration::from_secs(1));
         let p = ProcmanSettings::from_settings(&s).unwrap();
-        assert_eq!(p.limits, crate::codec::Limits::default());
+        // The codec's own default frame limit is 64 MiB; the daemon's setting is 1 MiB (CGSE requests are
+        // a few KB, and every concurrent frame up to twice this may be buffered).
+        assert_eq!(
+            p.limits,
+            crate::codec::Limits {
+                max_frame_bytes: 1 << 20,
+                ..Default::default()
+            }
+        );
+        assert!(p.control_allow.is_empty());
+        assert!(p.min_period > Duration::ZERO && p.max_period >= p.min_period);
         let i = IntegrationSettings::from_settings(&s).unwrap();
         assert!(i.peer_connect_timeout < i.peer_timeout);
         assert_eq!(NotifyHubSettings::from_settings(&s).unwrap().publisher_port, 6126);

@@ -1,10 +1,16 @@
 //! The commanding table's process-management commands, answered from the supervisor.
 //!
-//! Compatible with the original replies (PROTOCOL.md §7.2), without its shell: a `StartCommand` starts
+//! Compatible with the original replies, without its shell: a `StartCommand` starts
 //! the managed definition of its device id (from the process table, by device id or by the Setup's
 //! device class); only when there is none does it run the client's legacy launcher — and only a program
 //! on the allow-list, split into argv, never through a shell. Status comes from the supervisor's state
 //! plus a `Ping` of the control server, not from grepping CLI output.
+//!
+//! Client input is validated the same way on start, stop and device status: `cgse_cmd` must name a device
+//! launcher (`cgse <name>`, `<name>` a `cgse.service.device_command` entry point of the configured Python or
+//! listed in the table's `device_commands`, never `core`, `reg`, `admin`, …) and every device argument must be
+//! a plain token. A client-created definition is capped and removed when its process ends; the client's
+//! `device_args` never fill a table template (only the Setup's do).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::cgse::storage::HousekeepingSink;
 use crate::codec::Value;
 use crate::daemon::Lifecycle;
 use crate::housekeeping::{CountProcesses, ProcessCounts};
@@ -20,13 +27,16 @@ use crate::probe::Pinger;
 use crate::protocol::{from_json, py_repr};
 use crate::server::{Call, CommandError, Handler, HandlerFuture};
 use crate::setup::{device_ids_reply, devices_reply, Device, SetupSource};
-use crate::storage::HousekeepingSink;
+use crate::supervisor::helper::cgse_entry_points;
 use crate::supervisor::{
-    validate_cgse_cmd, Desired, DeviceSpec, ProcessDefinition, ProcessEvent, ProcessRecord, ProcessState, ProcessTable,
-    RestartPolicy, SupervisorError, SupervisorHandle,
+    definition::validate_client_args, validate_client_id, Desired, DeviceSpec, Launchers, ProcessDefinition,
+    ProcessEvent, ProcessRecord, ProcessState, ProcessTable, RestartPolicy, SupervisorError, SupervisorHandle,
 };
 
-/// The arguments of a `StartCommand` / `StopCommand` / `StatusCommand` (PROTOCOL.md §4.6).
+/// How long the configured Python may take to list its entry points.
+const ENTRY_POINTS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The arguments of a `StartCommand` / `StopCommand` / `StatusCommand`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ProcessCommand {
     pub device_id: String,
@@ -101,7 +111,6 @@ impl ProcessCommand {
 enum Origin {
     Table,
     Setup,
-    Client,
 }
 
 /// The Process Manager controller.
@@ -121,7 +130,14 @@ pub struct Controller {
     /// What `get_integration_status` reports on: the lifecycle integrations (the registry) and storage.
     lifecycle: Vec<Arc<dyn Lifecycle>>,
     storage: Option<Arc<dyn HousekeepingSink>>,
+    /// More integrations that say where they stand (key → text): the Logger, the Metrics Hub.
+    peers: Vec<(String, PeerStatus)>,
+    /// The device launchers a client may name; listed once (lazily) per table, again after `reload`.
+    launchers: tokio::sync::Mutex<Option<Arc<Launchers>>>,
 }
+
+/// Where one integration stands now, as one line of text.
+pub type PeerStatus = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// A serialisable value (the reload plan) as the wire carries it.
 fn serde_value<T: Serialize>(r: &T) -> Value {
@@ -219,6 +235,8 @@ impl Controller {
             origins: Mutex::new(HashMap::new()),
             lifecycle: Vec::new(),
             storage: None,
+            peers: Vec::new(),
+            launchers: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -233,6 +251,12 @@ impl Controller {
         self
     }
 
+    /// Also report `key` (e.g. `logger`, `metrics`) in `get_integration_status`.
+    pub fn with_peer_status(mut self, key: &str, status: PeerStatus) -> Controller {
+        self.peers.push((key.to_owned(), status));
+        self
+    }
+
     /// Where each integration stands: registered or retrying, where the Setup and housekeeping go now.
     fn integration_status(&self) -> Value {
         let registry: Vec<String> = self.lifecycle.iter().filter_map(|l| l.describe()).collect();
@@ -242,7 +266,7 @@ impl Controller {
             registry.join("; ")
         };
         let (_, records) = self.supervisor.list();
-        Value::dict([
+        let mut status = Value::dict([
             ("registry", Value::Str(registry)),
             ("setup", Value::Str(self.setup.describe())),
             (
@@ -255,7 +279,13 @@ impl Controller {
                 ),
             ),
             ("processes", Value::Int(records.len() as i64)),
-        ])
+        ]);
+        if let Value::Dict(items) = &mut status {
+            for (key, describe) in &self.peers {
+                items.push((Value::str(key), Value::Str(describe())));
+            }
+        }
+        status
     }
 
     fn table(&self) -> Arc<ProcessTable> {
@@ -271,7 +301,11 @@ impl Controller {
 
     /// Definitions from the table's core services and the Setup's devices (those with a table entry).
     async fn desired_definitions(&self) -> Vec<(ProcessDefinition, Origin)> {
-        let table = self.table();
+        self.desired_from(&self.table()).await
+    }
+
+    /// [`Self::desired_definitions`] from a given table (a `reload` dry run reads the file without adopting it).
+    async fn desired_from(&self, table: &ProcessTable) -> Vec<(ProcessDefinition, Origin)> {
         let mut out = Vec::new();
         match table.core_definitions() {
             Ok(defs) => out.extend(defs.into_iter().map(|d| (d, Origin::Table))),
@@ -314,8 +348,13 @@ impl Controller {
     /// The definition `start_process` starts for a device: the table's (by device id, or by the Setup's
     /// device class), else `None` when the process is already defined (a core service, or started
     /// before), else the client's legacy launcher.
-    async fn definition_for(&self, cmd: &ProcessCommand) -> Result<Option<(ProcessDefinition, Origin)>, CommandError> {
+    /// The origin is `None` for a client-created definition (a legacy launcher).
+    async fn definition_for(
+        &self,
+        cmd: &ProcessCommand,
+    ) -> Result<Option<(ProcessDefinition, Option<Origin>)>, CommandError> {
         let table = self.table();
+        // A device not in the Setup has no device_args: the client's never fill a table template.
         let spec = match self.find_device(&cmd.device_id).await {
             Some(d) => device_spec(&d, cmd.simulator),
             None => None,
@@ -324,11 +363,11 @@ impl Controller {
             device_id: cmd.device_id.clone(),
             device_name: cmd.device_id.clone(),
             device_class: String::new(),
-            device_args: cmd.device_args.clone(),
+            device_args: Vec::new(),
             simulator: cmd.simulator,
         });
         if let Ok(def) = table.resolve_device(&spec) {
-            return Ok(Some((def, Origin::Setup)));
+            return Ok(Some((def, Some(Origin::Setup))));
         }
         if self.supervisor.definition(&cmd.device_id).is_some() {
             return Ok(None);
@@ -339,30 +378,86 @@ impl Controller {
                 cmd.device_id
             )));
         };
+        validate_client_id(&cmd.device_id).map_err(|e| CommandError::Value(e.to_string()))?;
+        let launchers = self.launchers().await;
         let def = table
-            .legacy_definition(&cmd.device_id, cgse_cmd, &cmd.device_args, cmd.simulator)
+            .legacy_definition(&cmd.device_id, cgse_cmd, &cmd.device_args, cmd.simulator, &launchers)
             .map_err(|e| CommandError::Value(format!("{e}")))?;
-        Ok(Some((def, Origin::Client)))
+        Ok(Some((def, None)))
     }
 
-    fn check_cgse_cmd(&self, cmd: &ProcessCommand) -> Result<(), CommandError> {
-        let Some(c) = &cmd.cgse_cmd else { return Ok(()) };
+    /// The device launchers a client may name: the table's `device_commands` and the configured Python's
+    /// `cgse.service.device_command` entry points (listed once, by running that Python).
+    async fn launchers(&self) -> Arc<Launchers> {
+        let mut cached = self.launchers.lock().await;
+        if let Some(l) = cached.as_ref() {
+            return l.clone();
+        }
         let table = self.table();
-        validate_cgse_cmd(c, table.allowed_programs()).map(|_| ()).map_err(|e| {
+        let l = match cgse_entry_points(table.python(), ENTRY_POINTS_TIMEOUT).await {
+            Ok((device, other)) => Launchers::new(
+                table.device_commands(),
+                &device,
+                &other,
+                format!(
+                    "device_commands of the table and the entry points of {}",
+                    table.python()
+                ),
+            ),
+            Err(e) => {
+                warn!(error = %e, "cannot list the device launchers of the configured Python; only the table's device_commands");
+                Launchers::new(
+                    table.device_commands(),
+                    &[],
+                    &[],
+                    format!("device_commands of the table; the entry points are unknown: {e}"),
+                )
+            }
+        };
+        info!(launchers = ?l.permitted, "device launchers a client may name");
+        let l = Arc::new(l);
+        *cached = Some(l.clone());
+        l
+    }
+
+    /// Validates a client's `cgse_cmd` and `device_args` — the same way on start, stop and status — and
+    /// returns the words of `cgse_cmd` when one was given.
+    async fn validate_client(&self, cmd: &ProcessCommand) -> Result<Option<Vec<String>>, CommandError> {
+        let refused = |e: &dyn std::fmt::Display, table: &ProcessTable| {
             CommandError::Value(format!(
                 "{e}. procman never runs a shell; allowed programs: [{}]",
                 table.allowed_programs().join(", ")
             ))
-        })
+        };
+        let table = self.table();
+        match &cmd.cgse_cmd {
+            Some(c) => {
+                let launchers = self.launchers().await;
+                table
+                    .check_launcher(c, &cmd.device_args, &launchers)
+                    .map(Some)
+                    .map_err(|e| refused(&e, &table))
+            }
+            None => validate_client_args(&cmd.device_args)
+                .map(|()| None)
+                .map_err(|e| refused(&e, &table)),
+        }
     }
 
     async fn start_process(&self, cmd: ProcessCommand) -> Result<Value, CommandError> {
-        // A client-named program is refused before anything else, even when a definition exists.
-        self.check_cgse_cmd(&cmd)?;
+        // Client input is refused before anything else, even when a definition exists.
+        self.validate_client(&cmd).await?;
         if let Some((def, origin)) = self.definition_for(&cmd).await? {
             let id = def.id.clone();
-            self.supervisor.define(def).await.map_err(sup_err)?;
-            self.note_origin(&id, origin);
+            match origin {
+                Some(origin) => {
+                    self.supervisor.define(def).await.map_err(sup_err)?;
+                    self.note_origin(&id, origin);
+                }
+                None => {
+                    self.supervisor.define_client(def).await.map_err(sup_err)?;
+                }
+            }
         }
         info!(process = %cmd.device_id, simulator = cmd.simulator, "start_process");
         self.supervisor.start(&cmd.device_id).await.map_err(sup_err)?;
@@ -370,7 +465,7 @@ impl Controller {
     }
 
     async fn stop_process(&self, cmd: ProcessCommand) -> Result<Value, CommandError> {
-        self.check_cgse_cmd(&cmd)?;
+        self.validate_client(&cmd).await?;
         match self.supervisor.stop(&cmd.device_id).await {
             Ok(()) => {
                 info!(process = %cmd.device_id, "stop_process");
@@ -385,9 +480,12 @@ impl Controller {
                         cmd.device_id
                     )));
                 };
-                let table = self.table();
-                let mut argv =
-                    validate_cgse_cmd(c, table.allowed_programs()).map_err(|e| CommandError::Value(e.to_string()))?;
+                validate_client_id(&cmd.device_id).map_err(|e| CommandError::Value(e.to_string()))?;
+                let launchers = self.launchers().await;
+                let mut argv = self
+                    .table()
+                    .launcher_argv(c, &cmd.device_args, &launchers)
+                    .map_err(|e| CommandError::Value(e.to_string()))?;
                 argv.push("stop".into());
                 if let Some(a) = cmd.device_args.first() {
                     argv.push(a.clone());
@@ -395,8 +493,7 @@ impl Controller {
                 let id = format!("{}.stop", cmd.device_id);
                 let mut def = ProcessDefinition::new(&id, argv);
                 def.restart = RestartPolicy::Never;
-                self.supervisor.define(def).await.map_err(sup_err)?;
-                self.note_origin(&id, Origin::Client);
+                self.supervisor.define_client(def).await.map_err(sup_err)?;
                 self.supervisor.start(&id).await.map_err(sup_err)?;
                 info!(process = %cmd.device_id, launcher = %id, "stop_process via the device's own launcher");
                 Ok(Value::None)
@@ -457,6 +554,7 @@ impl Controller {
     }
 
     async fn device_process_status(&self, cmd: ProcessCommand) -> Result<Value, CommandError> {
+        self.validate_client(&cmd).await?;
         let id = cmd.device_id.clone();
         // A control server that announces these commands can say more than a Ping: one connection asks all.
         let (alive, answers) = match self.cs_reach(&id, &id.to_uppercase()).await {
@@ -496,30 +594,50 @@ impl Controller {
         ]))
     }
 
-    async fn reload(&self) -> Result<Value, CommandError> {
-        if let Some(p) = &self.table_path {
-            let t = ProcessTable::load(p).map_err(|e| CommandError::Failed(e.to_string()))?;
-            *self.table.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(t);
+    /// Re-read the table and the Setup and apply the difference; with `dry_run` only compute it. The reply is
+    /// the plan `{"added": [ids], "removed": [...], "changed": [...], "unchanged": [...], "dry_run": bool}`.
+    async fn reload(&self, dry_run: bool) -> Result<Value, CommandError> {
+        let table = match &self.table_path {
+            Some(p) => Arc::new(ProcessTable::load(p).map_err(|e| CommandError::Failed(e.to_string()))?),
+            None => self.table(),
+        };
+        if !dry_run {
+            *self.table.lock().unwrap_or_else(|e| e.into_inner()) = table.clone();
         }
-        let desired = self.desired_definitions().await;
+        if !dry_run {
+            // The launchers are listed again on next use (the table or the Python may have changed).
+            *self.launchers.lock().await = None;
+        }
+        let desired = self.desired_from(&table).await;
         let (_, records) = self.supervisor.list();
-        let origins = self.origins.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut defs: Vec<ProcessDefinition> = desired.iter().map(|(d, _)| d.clone()).collect();
-        // Keep what clients started (legacy launchers): reload only manages what the table and Setup gave.
+        // Client-created definitions survive a reload only while their process is alive (a running legacy
+        // launcher's server is not stopped by an edit of the table); every other one is dropped.
         for r in &records {
-            let from_client = origins.get(&r.id).is_none_or(|o| *o == Origin::Client);
-            if from_client && !defs.iter().any(|d| d.id == r.id) {
+            let keep = self.supervisor.is_client_defined(&r.id) && r.state.is_active();
+            if keep && !defs.iter().any(|d| d.id == r.id) {
                 if let Some(d) = self.supervisor.definition(&r.id) {
                     defs.push(d);
                 }
             }
         }
-        let plan = self.supervisor.apply(defs, false).await.map_err(sup_err)?;
-        for (d, o) in desired {
-            self.note_origin(&d.id, o);
+        let plan = self.supervisor.apply(defs, dry_run).await.map_err(sup_err)?;
+        let mut reply = serde_value(&plan);
+        if let Value::Dict(items) = &mut reply {
+            items.push((Value::str("dry_run"), Value::Bool(dry_run)));
         }
+        if dry_run {
+            info!(?plan, "reload dry run");
+            return Ok(reply);
+        }
+        let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        origins.clear();
+        for (d, o) in desired {
+            origins.insert(d.id.clone(), o);
+        }
+        drop(origins);
         info!(?plan, "reload applied");
-        Ok(serde_value(&plan))
+        Ok(reply)
     }
 
     async fn call(&self, call: Call) -> Result<Value, CommandError> {
@@ -601,8 +719,17 @@ impl Controller {
                 Ok(Value::List(tail.into_iter().map(Value::Str).collect()))
             }
             "reload" => {
-                call.bind(&[], 0)?;
-                self.reload().await
+                let dry_run = match call.bind(&["dry_run"], 0)?.pop().flatten() {
+                    None | Some(Value::None) | Some(Value::Bool(false)) => false,
+                    Some(Value::Bool(true)) => true,
+                    Some(other) => {
+                        return Err(CommandError::Type(format!(
+                            "dry_run must be a bool, got {}",
+                            py_repr(&other)
+                        )))
+                    }
+                };
+                self.reload(dry_run).await
             }
             "get_integration_status" => {
                 call.bind(&[], 0)?;

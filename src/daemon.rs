@@ -17,15 +17,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use zeromq::SocketSend;
 
+use crate::cgse::storage::HousekeepingSink;
 use crate::codec::{self, Value};
 use crate::config::{ConfigError, Env, PmSettings, ProcmanSettings, Settings};
 use crate::housekeeping::Housekeeping;
 use crate::logging::LogControl;
 use crate::monitor::StatusSampler;
 use crate::protocol::{self, SocketKind};
-use crate::server::{self, Dispatcher, Handler, Ports, ServerInfo};
-use crate::service::{ServiceHandler, ServiceState};
-use crate::storage::HousekeepingSink;
+use crate::server::{self, AccessControl, Dispatcher, Handler, Ports, ServerInfo};
+use crate::service::{ServiceBounds, ServiceHandler, ServiceState};
 use crate::transport::{self, TransportError};
 
 /// Why the daemon could not run.
@@ -177,9 +177,26 @@ pub async fn start(
     let pm = &config.pm;
     let p = &config.procman;
     let addr = p.bind_address.as_str();
-    if let Some(n) = crate::util::raise_open_files_limit() {
+    let open_files = crate::util::raise_open_files_limit();
+    if let Some(n) = open_files {
         debug!(open_files = n, "open-files limit");
     }
+    // Three server sockets share the open-files limit with the clients, log files and pipes: keep a
+    // quarter of it for each socket at most, so a flood of connections on one never starves the rest.
+    let max_connections = match open_files.and_then(|n| usize::try_from(n / 4).ok()) {
+        Some(quarter) if quarter < p.max_connections => {
+            warn!(
+                setting = p.max_connections,
+                applied = quarter,
+                "Procman.MAX_CONNECTIONS lowered to a quarter of the open-files limit"
+            );
+            quarter.max(1)
+        }
+        _ => p.max_connections,
+    };
+    zeromq::limits::set_max_connections(max_connections);
+    zeromq::limits::set_peer_send_queue(p.peer_send_queue);
+    zeromq::limits::set_max_receiving_bytes(p.max_receiving_bytes);
     // Bound what a peer can make zmq.rs buffer (vendor/zeromq/PATCHES.md). A frame up to twice our pickle
     // limit is read and answered with a Failure naming the limit; a larger one (a peer announcing
     // gigabytes) disconnects that peer instead of being buffered.
@@ -217,30 +234,52 @@ pub async fn start(
         events,
         sampler,
     } = integrations;
-    let state = Arc::new(ServiceState::new(
-        pm.monitoring_delay,
-        p.housekeeping_period,
-        log,
-        storage.clone(),
-        Housekeeping::columns(),
-        sampler,
-        shutdown.clone(),
-    ));
+    let state = Arc::new(
+        ServiceState::new(
+            pm.monitoring_delay,
+            p.housekeeping_period,
+            log,
+            storage.clone(),
+            Housekeeping::columns(),
+            sampler,
+            shutdown.clone(),
+        )
+        .with_bounds(ServiceBounds {
+            min_period_ms: p.min_period.as_secs_f64() * 1000.0,
+            max_period_ms: p.max_period.as_secs_f64() * 1000.0,
+            max_listeners: p.max_listeners,
+            max_listener_name: p.max_listener_name,
+        }),
+    );
+    let (access, unusable) = AccessControl::from_list(&p.control_allow);
+    for item in &unusable {
+        warn!(item = %item, "Procman.CONTROL_ALLOW: cannot use this item (not an address, network or resolvable host name); it allows nothing");
+    }
+    info!(
+        allow = %if p.control_allow.is_empty() { "this host".to_owned() } else { p.control_allow.join(", ") },
+        "state-changing commands accepted from Procman.CONTROL_ALLOW"
+    );
     let (cmd_table, svc_table) = protocol::load_tables()?;
-    let cmd_dispatch = Arc::new(Dispatcher::new(
-        SocketKind::Commanding,
-        cmd_table,
-        commanding,
-        info.clone(),
-        p.limits.clone(),
-    ));
-    let svc_dispatch = Arc::new(Dispatcher::new(
-        SocketKind::Service,
-        svc_table,
-        Arc::new(ServiceHandler { state: state.clone() }),
-        info.clone(),
-        p.limits.clone(),
-    ));
+    let cmd_dispatch = Arc::new(
+        Dispatcher::new(
+            SocketKind::Commanding,
+            cmd_table,
+            commanding,
+            info.clone(),
+            p.limits.clone(),
+        )
+        .with_access(access.clone()),
+    );
+    let svc_dispatch = Arc::new(
+        Dispatcher::new(
+            SocketKind::Service,
+            svc_table,
+            Arc::new(ServiceHandler { state: state.clone() }),
+            info.clone(),
+            p.limits.clone(),
+        )
+        .with_access(access),
+    );
 
     let requests = TaskTracker::new();
     let tasks = TaskTracker::new();
@@ -249,6 +288,7 @@ pub async fn start(
         cmd_sock,
         cmd_dispatch,
         p.max_concurrent_requests,
+        Some(p.idle_timeout),
         stop_serving.clone(),
         requests.clone(),
     ));
@@ -256,10 +296,12 @@ pub async fn start(
         service_sock,
         svc_dispatch,
         p.max_concurrent_requests,
+        Some(p.idle_timeout),
         stop_serving.clone(),
         requests.clone(),
     ));
     tasks.spawn(publish(pub_sock, state.clone(), events, shutdown.clone()));
+    let process_counts = housekeeping.processes();
     tasks.spawn(run_housekeeping(housekeeping, state.clone(), shutdown.clone()));
     tasks.spawn(refresh_ip(info.clone(), shutdown.clone()));
     tasks.close();
@@ -281,6 +323,10 @@ pub async fn start(
         ports.monitoring,
         ports.service
     );
+    // Under systemd (`Type=notify`): READY=1 now that the sockets serve, then status, watchdog, STOPPING=1.
+    if let Some(n) = crate::notify::Notifier::from_env() {
+        tasks.spawn(crate::notify::run(Arc::new(n), process_counts, shutdown.clone()));
+    }
 
     let timeout = p.shutdown_timeout;
     let token = shutdown.clone();
@@ -329,6 +375,35 @@ pub async fn run(
     Ok(())
 }
 
+/// The period for a delay in ms, whatever the value: NaN, negative, infinite or huge values cannot
+/// panic here (`Duration::from_secs_f64` does on an infinite one). Between 1 ms and one day.
+pub fn period(delay_ms: f64) -> Duration {
+    const MAX: Duration = Duration::from_secs(86_400);
+    if delay_ms.is_nan() {
+        return MAX;
+    }
+    Duration::try_from_secs_f64(delay_ms / 1000.0)
+        .unwrap_or(if delay_ms > 0.0 { MAX } else { Duration::ZERO })
+        .clamp(Duration::from_millis(1), MAX)
+}
+
+/// Run one round of a task; true when it panicked and should run again (a bug must not silence the
+/// monitoring or housekeeping for the rest of the daemon's life), false when it ended or we stop.
+async fn restart_after_panic(name: &str, run: impl Future<Output = ()>, cancel: &CancellationToken) -> bool {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+        Ok(()) => false,
+        Err(_) if cancel.is_cancelled() => false,
+        Err(_) => {
+            warn!(task = name, "task panicked; restarting it");
+            tokio::select! {
+                _ = cancel.cancelled() => false,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => true,
+            }
+        }
+    }
+}
+
 /// Publish the status dict every monitoring period, and process events as they come.
 async fn publish(
     mut socket: transport::PubSocket,
@@ -336,10 +411,25 @@ async fn publish(
     mut events: Option<mpsc::Receiver<Value>>,
     cancel: CancellationToken,
 ) {
+    loop {
+        let run = publish_once(&mut socket, &state, &mut events, &cancel);
+        if !restart_after_panic("monitoring publisher", run, &cancel).await {
+            break;
+        }
+    }
+    debug!("monitoring publisher stopped");
+}
+
+async fn publish_once(
+    socket: &mut transport::PubSocket,
+    state: &ServiceState,
+    events: &mut Option<mpsc::Receiver<Value>>,
+    cancel: &CancellationToken,
+) {
     let mut delay_rx = state.mon_delay_ms.subscribe();
     let mut last = tokio::time::Instant::now();
     loop {
-        let delay = Duration::from_secs_f64((*delay_rx.borrow_and_update() / 1000.0).max(0.001));
+        let delay = period(*delay_rx.borrow_and_update());
         let next = last + delay;
         let event = async {
             match events.as_mut() {
@@ -351,17 +441,16 @@ async fn publish(
             _ = cancel.cancelled() => break,
             _ = delay_rx.changed() => continue,
             ev = event => match ev {
-                Some(v) => send(&mut socket, &v).await,
-                None => events = None,
+                Some(v) => send(socket, &v).await,
+                None => *events = None,
             },
             _ = tokio::time::sleep_until(next) => {
                 last = tokio::time::Instant::now();
                 let status = state.status();
-                send(&mut socket, &status).await;
+                send(socket, &status).await;
             }
         }
     }
-    debug!("monitoring publisher stopped");
 }
 
 async fn send(socket: &mut transport::PubSocket, v: &Value) {
@@ -375,10 +464,19 @@ async fn send(socket: &mut transport::PubSocket, v: &Value) {
 /// Collect a housekeeping record every period and hand it to storage. A dead storage peer delays the
 /// next record, never a request.
 async fn run_housekeeping(hk: Housekeeping, state: Arc<ServiceState>, cancel: CancellationToken) {
+    loop {
+        let run = housekeeping_once(&hk, &state, &cancel);
+        if !restart_after_panic("housekeeping", run, &cancel).await {
+            break;
+        }
+    }
+}
+
+async fn housekeeping_once(hk: &Housekeeping, state: &ServiceState, cancel: &CancellationToken) {
     let mut delay_rx = state.hk_delay_ms.subscribe();
     let mut last = tokio::time::Instant::now();
     loop {
-        let delay = Duration::from_secs_f64((*delay_rx.borrow_and_update() / 1000.0).max(0.001));
+        let delay = period(*delay_rx.borrow_and_update());
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = delay_rx.changed() => continue,
@@ -414,5 +512,23 @@ async fn refresh_ip(info: Arc<ServerInfo>, cancel: CancellationToken) {
         {
             info.set_ip(ip);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 13, finding 1: no delay value can panic the tasks.
+    #[test]
+    fn any_delay_makes_a_period() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(period(f64::INFINITY), day);
+        assert_eq!(period(1e303), day);
+        assert_eq!(period(f64::NAN), day);
+        assert_eq!(period(f64::NEG_INFINITY), Duration::from_millis(1));
+        assert_eq!(period(-5.0), Duration::from_millis(1));
+        assert_eq!(period(0.0), Duration::from_millis(1));
+        assert_eq!(period(250.0), Duration::from_millis(250));
     }
 }

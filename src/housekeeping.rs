@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::cgse::storage::{HkRecord, HkValue};
 use crate::monitor::StatusSampler;
-use crate::storage::{HkRecord, HkValue};
 use crate::util::format_datetime;
 
 /// Process counts for the record, provided by the supervisor.
@@ -54,6 +54,11 @@ pub struct Housekeeping {
 impl Housekeeping {
     pub fn new(sampler: Arc<StatusSampler>, processes: Option<Arc<dyn CountProcesses>>) -> Housekeeping {
         Housekeeping { sampler, processes }
+    }
+
+    /// What counts the processes (systemd's `STATUS=` reports the same counts).
+    pub fn processes(&self) -> Option<Arc<dyn CountProcesses>> {
+        self.processes.clone()
     }
 
     pub fn columns() -> Vec<String> {

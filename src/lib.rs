@@ -11,11 +11,9 @@
 //! - [`server`]: the dispatcher (built-ins, table commands → a [`server::Handler`]) and the request loop.
 //! - [`service`]: the service socket's 12 commands. [`controller`]: the commanding socket's commands.
 //! - [`monitor`] / [`housekeeping`]: the status dict and the housekeeping record, from `/proc`.
-//! - [`storage`]: where housekeeping goes. [`setup`]: the Setup's device walk.
-//! - The CGSE core services, each with an embedded default when it is absent: [`registry`] (Service
-//!   Registry: registration, heartbeats, discovery), [`confman`] (the Setup from the Configuration
-//!   Manager, cached, else the local Setup file), [`storage_manager`] (housekeeping through the Storage
-//!   Manager, else the same daily CSV file written directly).
+//! - [`setup`]: the Setup's device walk.
+//! - [`cgse`]: the CGSE core services the daemon talks to, each with an embedded default when it is
+//!   absent (Service Registry, Configuration Manager, Storage Manager and the local CSV sink).
 //! - [`supervisor`]: owns the processes it starts (state machines, reaper, logs, re-adoption);
 //!   [`probe`]: is a control server alive (a `Ping`, found directly or through the registry).
 //! - [`daemon`]: binds, runs and shuts everything down in order; [`assemble`] wires the integrations.
@@ -23,31 +21,29 @@
 //! - [`client`]: a control-server client (our CLI, the Python proxy, peers). [`cli`]: the commands.
 //! - [`proxy`] / [`objects`]: the logic of the Python `ProcessManagerProxy` and the allow-list of classes
 //!   replies may become; the pyo3 layer itself (`bindings`, feature `python`) only converts and delegates.
-//! - [`logging`]: tracing to stderr, with levels settable at run time.
+//! - [`logging`]: tracing to stderr, with levels settable at run time. [`notify`]: systemd's notify protocol.
 
 pub mod assemble;
 #[cfg(feature = "python")]
 mod bindings;
+pub mod cgse;
 pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
-pub mod confman;
 pub mod controller;
 pub mod daemon;
 pub mod housekeeping;
 pub mod logging;
 pub mod monitor;
+pub mod notify;
 pub mod objects;
 pub mod probe;
 pub mod protocol;
 pub mod proxy;
-pub mod registry;
 pub mod server;
 pub mod service;
 pub mod setup;
-pub mod storage;
-pub mod storage_manager;
 pub mod supervisor;
 pub mod transport;
 pub mod util;

@@ -13,7 +13,7 @@ use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 /// The logger names `set_logging_level` accepts, besides `all`: our module targets, in Python's dotted
 /// form too, plus the names CGSE users know.
-const KNOWN: [&str; 14] = [
+const KNOWN: [&str; 19] = [
     "procman",
     "procman::server",
     "procman::service",
@@ -21,8 +21,13 @@ const KNOWN: [&str; 14] = [
     "procman::monitor",
     "procman::controller",
     "procman::supervisor",
-    "procman::registry",
-    "procman::storage",
+    "procman::cgse::registry",
+    "procman::cgse::storage",
+    "procman::cgse::storage_manager",
+    "procman::cgse::confman",
+    "procman::cgse::logger",
+    "procman::cgse::metrics_hub",
+    "procman::cgse::signals",
     "procman::setup",
     "procman::client",
     "procman::transport",
@@ -120,7 +125,14 @@ pub fn init() -> Arc<dyn LogControl> {
                 .with_ansi(ansi);
             // Another subscriber may already be installed (an embedding application): then our
             // control still records levels but cannot change that subscriber.
-            let installed = tracing_subscriber::registry().with(layer).with(fmt).try_init().is_ok();
+            // The same filter decides for the CGSE Logger (`cgse::logger`), which forwards once the daemon
+            // has its settings.
+            let installed = tracing_subscriber::registry()
+                .with(layer)
+                .with(fmt)
+                .with(crate::cgse::logger::layer())
+                .try_init()
+                .is_ok();
             if installed {
                 Arc::new(ReloadControl {
                     handle,

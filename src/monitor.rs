@@ -1,4 +1,4 @@
-//! The control-server status dict (PROTOCOL.md §9): real process figures read from `/proc`.
+//! The control-server status dict: real process figures read from `/proc`.
 
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
@@ -105,8 +105,8 @@ impl StatusSampler {
         (pct * 10.0).round() / 10.0
     }
 
-    /// The status dict, keys and types of PROTOCOL.md §9.2. `delay_ms` is the current monitoring delay;
-    /// it is always a float (the original switches from int to float, §14.9).
+    /// The status dict, with the original's keys and types. `delay_ms` is the current monitoring delay;
+    /// it is always a float (the original switches from int to float).
     pub fn status(&self, delay_ms: f64) -> Value {
         let f = self.figures();
         let cpu_pct = self.cpu_percent(&f);
@@ -132,7 +132,7 @@ impl Default for StatusSampler {
     }
 }
 
-/// A `uuid.UUID` instance as Python pickles it (PROTOCOL.md §4.5). `is_safe` is left out: our UUID is
+/// A `uuid.UUID` instance as Python pickles it. `is_safe` is left out: our UUID is
 /// not made by a synchronised generator, which Python calls `SafeUUID.unknown`.
 pub fn uuid_value(u: u128) -> Value {
     Value::new_object("uuid", "UUID", Value::dict([("int", Value::from(u))]))

@@ -41,7 +41,7 @@ pub const BUILTIN_EXCEPTIONS: [&str; 24] = [
     "ZeroDivisionError",
 ];
 
-/// The `egse.response` classes (PROTOCOL.md §4.3, §4.4).
+/// The `egse.response` classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseClass {
     /// An `Exception` subclass, pickled by REDUCE with its constructor arguments.
@@ -71,7 +71,7 @@ impl ResponseClass {
     }
 }
 
-/// The process commands of `egse.procman` (PROTOCOL.md §4.6), with their state keys in wire order.
+/// The process commands of `egse.procman`, with their state keys in wire order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessCommandClass {
     Process,
@@ -111,7 +111,7 @@ impl ProcessCommandClass {
     }
 }
 
-/// The state keys of a command object (`ClientServerCommand`), in the original's order (PROTOCOL.md §4.2).
+/// The state keys of a command object (`ClientServerCommand`), in the original's order.
 pub const COMMAND_STATE_KEYS: [&str; 12] = [
     "_name",
     "_cmd",
@@ -261,7 +261,7 @@ pub fn exception(name: &str, args: Vec<Value>) -> Value {
     Value::reduce("builtins", name, args, None)
 }
 
-/// `uuid.UUID` from its integer value (an `Int`/`BigInt`) and optional `is_safe` (PROTOCOL.md §4.5).
+/// `uuid.UUID` from its integer value (an `Int`/`BigInt`) and optional `is_safe`.
 pub fn uuid(int: Value, is_safe: Option<i64>) -> Value {
     let mut state = vec![(Value::str("int"), int)];
     if let Some(s) = is_safe {

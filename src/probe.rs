@@ -53,6 +53,8 @@ impl Pinger {
         match target {
             PingTarget::Endpoint(e) => Some(e.clone()),
             PingTarget::Registry { service_type } => self.locator.commanding_endpoint(service_type).await,
+            // Not a control server: readiness is a TCP connection (see `probe`), there is nothing to ping.
+            PingTarget::Tcp { .. } => None,
         }
     }
 
@@ -83,6 +85,9 @@ impl ReadinessProbe for Pinger {
         let target = def.readiness.as_ref().map(|r| r.ping.clone());
         Box::pin(async move {
             let Some(target) = target else { return true };
+            if let PingTarget::Tcp { host, port } = &target {
+                return crate::supervisor::readiness::tcp_accepts(host, *port, me.timeout).await;
+            }
             match me.endpoint_of(&target).await {
                 Some(ep) => me.ping(&ep).await,
                 None => false,

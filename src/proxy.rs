@@ -8,6 +8,7 @@
 //! created by the next request. After a timeout the socket is dropped (a REQ socket that missed a reply
 //! is unusable) and the next request connects afresh, so a timed-out proxy stays usable.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::client::{self, ClientError, ControlClient};
@@ -378,6 +379,125 @@ impl ProxyCore {
     }
 }
 
+/// Why `ProcessManagerProxy.get_status()` has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// The server did not announce the command (not loaded, or not our daemon).
+    #[error("the Process Manager does not announce '{0}' (commands not loaded, or it is not procman)")]
+    NotAnnounced(&'static str),
+    /// The server answered with a `Failure`.
+    #[error("{0} failed: {1}")]
+    Failed(&'static str, String),
+    /// The reply has the wrong shape.
+    #[error("{0} returned {1}")]
+    Shape(&'static str, String),
+}
+
+/// The address requests of `pm_cs status`, in the order (and with the keys) of [`status_dict`].
+pub const STATUS_ADDRESS: [(&str, &str); 4] = [
+    ("hostname", "get_ip_address"),
+    ("commanding_port", "get_commanding_port"),
+    ("monitoring_port", "get_monitoring_port"),
+    ("service_port", "get_service_port"),
+];
+
+/// What `pm_cs status` shows, as one dict: `hostname`, the three ports, `registry` (the registration line),
+/// `setup` (where the Setup comes from), `housekeeping` (where the housekeeping goes), `processes` (managed
+/// processes by state, e.g. `{"RUNNING": 2}`), `process_count`, and `logger` / `metrics` (the CGSE Logger's and
+/// Metrics Hub's sender: connected or not, sent and dropped; None when the daemon has none). `address` holds the replies to
+/// [`STATUS_ADDRESS`]; `integration` the reply to `get_integration_status`; `listing` to `list_processes`.
+pub fn status_dict(address: [Value; 4], integration: &Value, listing: &Value) -> Result<Value, StatusError> {
+    let Value::Dict(integration) = integration else {
+        return Err(StatusError::Shape(
+            "get_integration_status",
+            protocol::py_repr(integration),
+        ));
+    };
+    let text = |key: &str| match crate::codec::dict_get(integration, key) {
+        Some(Value::Str(s)) => Ok(Value::Str(s.clone())),
+        other => Err(StatusError::Shape(
+            "get_integration_status",
+            format!(
+                "no text under '{key}': {}",
+                other.map(protocol::py_repr).unwrap_or_default()
+            ),
+        )),
+    };
+    let records = match listing {
+        Value::Dict(items) => match crate::codec::dict_get(items, "processes") {
+            Some(Value::List(records)) => records,
+            _ => {
+                return Err(StatusError::Shape(
+                    "list_processes",
+                    "a dict without a 'processes' list".into(),
+                ))
+            }
+        },
+        other => return Err(StatusError::Shape("list_processes", protocol::py_repr(other))),
+    };
+    let mut by_state: BTreeMap<String, i64> = BTreeMap::new();
+    for record in records {
+        let state = match record {
+            Value::Dict(fields) => crate::codec::dict_get(fields, "state").and_then(Value::as_str),
+            _ => None,
+        };
+        let state = state.ok_or_else(|| StatusError::Shape("list_processes", "a record without a state".into()))?;
+        *by_state.entry(state.to_owned()).or_default() += 1;
+    }
+    let optional = |key: &str| match crate::codec::dict_get(integration, key) {
+        Some(Value::Str(s)) => Value::Str(s.clone()),
+        _ => Value::None,
+    };
+    let [hostname, commanding, monitoring, service] = address;
+    Ok(Value::dict([
+        ("hostname", hostname),
+        ("commanding_port", commanding),
+        ("monitoring_port", monitoring),
+        ("service_port", service),
+        ("registry", text("registry")?),
+        ("setup", text("setup")?),
+        ("housekeeping", text("storage")?),
+        (
+            "processes",
+            Value::dict(by_state.into_iter().map(|(k, n)| (k, Value::Int(n)))),
+        ),
+        ("process_count", Value::Int(records.len() as i64)),
+        ("logger", optional("logger")),
+        ("metrics", optional("metrics")),
+    ]))
+}
+
+impl ProxyCore {
+    /// `get_status()`: the four address requests, `get_integration_status` and `list_processes` (as announced by
+    /// the server), assembled by [`status_dict`].
+    pub async fn process_manager_status(&mut self) -> Result<Value, StatusError> {
+        let mut address = [Value::None, Value::None, Value::None, Value::None];
+        for (slot, (_, name)) in address.iter_mut().zip(STATUS_ADDRESS) {
+            *slot = self.checked(&Value::str(name), name).await?;
+        }
+        let mut table = [Value::None, Value::None];
+        for (slot, name) in table.iter_mut().zip(["get_integration_status", "list_processes"]) {
+            let request = self
+                .command(name)
+                .ok_or(StatusError::NotAnnounced(name))?
+                .execution(vec![], vec![]);
+            *slot = self.checked(&request, name).await?;
+        }
+        let [integration, listing] = table;
+        status_dict(address, &integration, &listing)
+    }
+
+    async fn checked(&mut self, request: &Value, name: &'static str) -> Result<Value, StatusError> {
+        let reply = self.send(request, 0, None, name).await?;
+        match protocol::failure_message(&reply) {
+            Some(message) => Err(StatusError::Failed(name, message)),
+            None => Ok(reply),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,6 +505,87 @@ mod tests {
     use crate::transport::{bind_router, frames, message};
     use bytes::Bytes;
     use zeromq::{SocketRecv, SocketSend};
+
+    fn integration() -> Value {
+        Value::dict([
+            ("registry", Value::str("Service Registry: registered as PM_CS")),
+            ("setup", Value::str("Configuration Manager (setup 3)")),
+            ("storage", Value::str("Storage Manager at tcp://localhost:6100")),
+            ("processes", Value::Int(3)),
+            (
+                "metrics",
+                Value::str("Metrics Hub: connected to tcp://127.0.0.1:6130 (4 sent, 0 dropped)"),
+            ),
+        ])
+    }
+
+    fn record(id: &str, state: &str) -> Value {
+        Value::dict([
+            ("id", Value::str(id)),
+            ("state", Value::str(state)),
+            ("pid", Value::None),
+        ])
+    }
+
+    fn address() -> [Value; 4] {
+        [
+            Value::str("127.0.0.1"),
+            Value::Int(6120),
+            Value::Int(6121),
+            Value::Int(6122),
+        ]
+    }
+
+    #[test]
+    fn status_dict_has_what_pm_cs_status_shows_and_counts_by_state() {
+        let listing = Value::dict([
+            ("seq", Value::Int(7)),
+            (
+                "processes",
+                Value::List(vec![
+                    record("a", "RUNNING"),
+                    record("b", "FATAL"),
+                    record("c", "RUNNING"),
+                ]),
+            ),
+        ]);
+        let got = status_dict(address(), &integration(), &listing).unwrap();
+        let expected = Value::dict([
+            ("hostname", Value::str("127.0.0.1")),
+            ("commanding_port", Value::Int(6120)),
+            ("monitoring_port", Value::Int(6121)),
+            ("service_port", Value::Int(6122)),
+            ("registry", Value::str("Service Registry: registered as PM_CS")),
+            ("setup", Value::str("Configuration Manager (setup 3)")),
+            ("housekeeping", Value::str("Storage Manager at tcp://localhost:6100")),
+            (
+                "processes",
+                Value::dict([("FATAL", Value::Int(1)), ("RUNNING", Value::Int(2))]),
+            ),
+            ("process_count", Value::Int(3)),
+            // No Logger sender here: None, not an error.
+            ("logger", Value::None),
+            (
+                "metrics",
+                Value::str("Metrics Hub: connected to tcp://127.0.0.1:6130 (4 sent, 0 dropped)"),
+            ),
+        ]);
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn status_dict_rejects_replies_of_the_wrong_shape() {
+        let empty = Value::dict([("seq", Value::Int(0)), ("processes", Value::List(vec![]))]);
+        let err = status_dict(address(), &Value::None, &empty).unwrap_err();
+        assert!(matches!(err, StatusError::Shape("get_integration_status", _)), "{err}");
+        let no_setup = Value::dict([("registry", Value::str("x")), ("storage", Value::str("y"))]);
+        let err = status_dict(address(), &no_setup, &empty).unwrap_err();
+        assert!(err.to_string().contains("'setup'"), "{err}");
+        let err = status_dict(address(), &integration(), &Value::List(vec![])).unwrap_err();
+        assert!(matches!(err, StatusError::Shape("list_processes", _)), "{err}");
+        let stateless = Value::dict([("processes", Value::List(vec![Value::dict([("id", Value::str("a"))])]))]);
+        assert!(status_dict(address(), &integration(), &stateless).is_err());
+    }
 
     fn info(name: &str) -> CommandInfo {
         let (table, svc) = protocol::load_tables().unwrap();

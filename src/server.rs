@@ -6,6 +6,7 @@
 //! handler panics become an `egse.response.Failure` — and the loop itself never stops on bad input.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -100,6 +101,132 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, call: Call) -> HandlerFuture<'_>;
 }
 
+/// Commands that change state; only peers in `Procman.CONTROL_ALLOW` may send them. Everything else
+/// (the built-ins, status, lists, logs, getters) stays open to any peer, as in CGSE.
+pub const CONTROL_COMMANDS: &[&str] = &[
+    "start_process",
+    "stop_process",
+    "restart_process",
+    "reload",
+    "quit_server",
+    "add_listener",
+    "remove_listener",
+    "register_to_storage",
+];
+
+/// Is `name` a state-changing command (the list above, and every `set_*`)?
+pub fn is_control_command(name: &str) -> bool {
+    name.starts_with("set_") || CONTROL_COMMANDS.contains(&name)
+}
+
+/// Who may send state-changing commands: networks (address, prefix length), or everyone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessControl {
+    nets: Option<Vec<(IpAddr, u8)>>,
+}
+
+impl AccessControl {
+    /// No restriction (a dispatcher that is not behind a socket: tests, the fuzzer).
+    pub fn everyone() -> AccessControl {
+        AccessControl { nets: None }
+    }
+
+    /// From the `CONTROL_ALLOW` items: `a.b.c.d`, `a.b.c.d/n`, IPv6 (with `/n`), or host names (all
+    /// their addresses). An empty list means this host's own addresses (loopback included). Returns the
+    /// rule and the items that could not be used (a name that does not resolve, a bad prefix): those
+    /// allow nothing, and are for the log.
+    pub fn from_list(items: &[String]) -> (AccessControl, Vec<String>) {
+        let mut nets = Vec::new();
+        let mut unusable = Vec::new();
+        if items.is_empty() {
+            nets.extend(this_host());
+        }
+        for item in items {
+            match parse_net(item) {
+                Some(mut n) => nets.append(&mut n),
+                None => unusable.push(item.clone()),
+            }
+        }
+        (AccessControl { nets: Some(nets) }, unusable)
+    }
+
+    /// May a peer at `ip` (None: unknown) change state?
+    pub fn allows(&self, ip: Option<IpAddr>) -> bool {
+        let Some(nets) = &self.nets else { return true };
+        let Some(ip) = ip.map(canonical) else { return false };
+        nets.iter().any(|(net, prefix)| in_net(ip, *net, *prefix))
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) compare as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+fn in_net(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix.min(32)))
+            };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix.min(128)))
+            };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+fn parse_net(item: &str) -> Option<Vec<(IpAddr, u8)>> {
+    let item = item.trim();
+    if let Some((addr, prefix)) = item.split_once('/') {
+        let ip = canonical(addr.trim().parse::<IpAddr>().ok()?);
+        let prefix: u8 = prefix.trim().parse().ok()?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        return (prefix <= max).then(|| vec![(ip, prefix)]);
+    }
+    if let Ok(ip) = item.parse::<IpAddr>() {
+        let ip = canonical(ip);
+        return Some(vec![(ip, if ip.is_ipv4() { 32 } else { 128 })]);
+    }
+    let addrs: Vec<(IpAddr, u8)> = std::net::ToSocketAddrs::to_socket_addrs(&(item, 0))
+        .ok()?
+        .map(|a| canonical(a.ip()))
+        .map(|ip| (ip, if ip.is_ipv4() { 32 } else { 128 }))
+        .collect();
+    (!addrs.is_empty()).then_some(addrs)
+}
+
+/// This host: loopback, the address of the default route, and what the host name resolves to.
+fn this_host() -> Vec<(IpAddr, u8)> {
+    let mut nets = vec![
+        (IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 0)), 8),
+        (IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 128),
+    ];
+    if let Some(ip) = crate::util::host_ip().and_then(|s| s.parse::<IpAddr>().ok()) {
+        nets.push((canonical(ip), if ip.is_ipv4() { 32 } else { 128 }));
+    }
+    if let Some(mut n) = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .and_then(|h| parse_net(&h))
+    {
+        nets.append(&mut n);
+    }
+    nets
+}
+
 /// Decodes a request, answers built-ins, routes table commands to the handler, encodes the reply.
 pub struct Dispatcher {
     kind: SocketKind,
@@ -108,6 +235,7 @@ pub struct Dispatcher {
     handler: Arc<dyn Handler>,
     info: Arc<ServerInfo>,
     limits: Limits,
+    access: AccessControl,
 }
 
 /// What a dispatch did, for the log.
@@ -133,7 +261,14 @@ impl Dispatcher {
             handler,
             info,
             limits,
+            access: AccessControl::everyone(),
         }
+    }
+
+    /// Restrict the state-changing commands to the peers `access` allows.
+    pub fn with_access(mut self, access: AccessControl) -> Dispatcher {
+        self.access = access;
+        self
     }
 
     pub fn kind(&self) -> SocketKind {
@@ -144,8 +279,14 @@ impl Dispatcher {
         &self.table
     }
 
-    /// Answer one request frame. Never fails and never panics: every problem becomes a `Failure`.
+    /// Answer one request frame from an unknown peer (see [`Dispatcher::dispatch_from`]).
     pub async fn dispatch(&self, frame: &[u8]) -> (Bytes, Outcome) {
+        self.dispatch_from(frame, None).await
+    }
+
+    /// Answer one request frame from the peer at `peer`. Never fails and never panics: every problem
+    /// becomes a `Failure`.
+    pub async fn dispatch_from(&self, frame: &[u8], peer: Option<IpAddr>) -> (Bytes, Outcome) {
         let value = match codec::decode(frame, &self.limits) {
             Ok(v) => v,
             Err(e) => {
@@ -171,6 +312,14 @@ impl Dispatcher {
         // A bare string carries no arguments and, as in CGSE, only names built-ins.
         if !in_table || req.form == RequestForm::Str || req.form == RequestForm::Other {
             return (encode(protocol::invalid_command(&name)), Outcome { name, ok: false });
+        }
+        if is_control_command(&name) && !self.access.allows(peer) {
+            let who = peer.map_or_else(|| "an unknown address".to_owned(), |ip| ip.to_string());
+            info!(command = %name, peer = %who, "state-changing command refused (not in Procman.CONTROL_ALLOW)");
+            let msg = format!(
+                "Executing {name} failed: {who} may not change state: add it to the setting Procman.CONTROL_ALLOW"
+            );
+            return (encode(protocol::failure(&msg)), Outcome { name, ok: false });
         }
         let call = Call {
             name: name.clone(),
@@ -226,16 +375,37 @@ fn encode(v: Value) -> Bytes {
 }
 
 /// Serve one ROUTER socket until `cancel` fires. In-flight requests are tracked by `tracker`, so the
-/// caller can wait for their replies before closing the socket.
+/// caller can wait for their replies before closing the socket. A client that has sent nothing for
+/// `idle_timeout` (if any) is disconnected: its file descriptor and queues are freed, and a libzmq
+/// REQ or DEALER client reconnects by itself when it next sends.
 pub async fn serve(
     socket: RouterSocket,
     dispatcher: Arc<Dispatcher>,
     max_in_flight: usize,
+    idle_timeout: Option<std::time::Duration>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
     let kind = dispatcher.kind();
     let (send, mut recv) = socket.split();
+    if let Some(idle) = idle_timeout.filter(|d| !d.is_zero()) {
+        let sweeper = send.clone();
+        let stop = cancel.clone();
+        // Checked four times per timeout (at most every 30 s, at least every 10 ms).
+        let every = (idle / 4).clamp(std::time::Duration::from_millis(10), std::time::Duration::from_secs(30));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let n = sweeper.close_idle_peers(idle);
+                if n > 0 {
+                    debug!(socket = %kind, closed = n, "idle connections closed");
+                }
+            }
+        });
+    }
     let slots = Arc::new(Semaphore::new(max_in_flight.max(1)));
     info!(socket = %kind, "serving requests");
     loop {
@@ -254,6 +424,7 @@ pub async fn serve(
         let Some((envelope, payload)) = split_envelope(frames) else {
             continue;
         };
+        let peer = envelope.first().and_then(|id| send.peer_address(id)).map(|a| a.ip());
         let permit = tokio::select! {
             _ = cancel.cancelled() => break,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -263,7 +434,7 @@ pub async fn serve(
         tracker.spawn(async move {
             let started = Instant::now();
             let (reply, outcome) = match payload {
-                Ok(frame) => dispatcher.dispatch(&frame).await,
+                Ok(frame) => dispatcher.dispatch_from(&frame, peer).await,
                 Err(n) => (
                     encode(protocol::failure(&format!("Invalid command: expected a request of 1 frame, got {n}"))),
                     Outcome { name: "<multipart>".into(), ok: false },
@@ -334,6 +505,55 @@ mod tests {
             Some("127.0.0.1".into()),
         ));
         Dispatcher::new(SocketKind::Commanding, cmd, Arc::new(Echo), info, Limits::default())
+    }
+
+    #[test]
+    fn access_control() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let items: Vec<String> = [
+            "10.1.0.0/16",
+            "192.0.2.7",
+            "2001:db8::/32",
+            "localhost",
+            "300.1.1.1",
+            "1.2.3.4/40",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (a, unusable) = AccessControl::from_list(&items);
+        assert_eq!(unusable, vec!["300.1.1.1".to_owned(), "1.2.3.4/40".to_owned()]);
+        assert!(a.allows(ip("10.1.200.3")));
+        assert!(!a.allows(ip("10.2.0.1")));
+        assert!(a.allows(ip("192.0.2.7")));
+        assert!(!a.allows(ip("192.0.2.8")));
+        assert!(
+            a.allows(ip("::ffff:192.0.2.7")),
+            "IPv4-mapped addresses compare as IPv4"
+        );
+        assert!(a.allows(ip("2001:db8:1::5")));
+        assert!(!a.allows(ip("2001:db9::1")));
+        assert!(a.allows(ip("127.0.0.1")), "localhost resolves to loopback");
+        assert!(!a.allows(None), "an unknown peer is refused");
+        let (here, _) = AccessControl::from_list(&[]);
+        assert!(here.allows(ip("127.0.0.53")) && here.allows(ip("::1")));
+        assert!(!here.allows(ip("192.0.2.1")));
+        assert!(AccessControl::everyone().allows(None));
+        assert!(is_control_command("set_hk_frequency") && is_control_command("quit_server"));
+        assert!(!is_control_command("list_processes") && !is_control_command("get_process_log"));
+    }
+
+    #[tokio::test]
+    async fn refused_control_command_names_the_setting() {
+        let d = dispatcher().with_access(AccessControl::from_list(&["192.0.2.0/24".to_owned()]).0);
+        let req = codec::encode(&Value::dict([("cmd", Value::str("stop_process"))]));
+        let (r, o) = d.dispatch_from(&req, Some("127.0.0.1".parse().unwrap())).await;
+        let f = codec::decode(&r, &Limits::default()).unwrap();
+        assert!(!o.ok);
+        assert!(protocol::failure_message(&f).unwrap().contains("Procman.CONTROL_ALLOW"));
+        let ok = codec::encode(&Value::dict([("cmd", Value::str("get_devices"))]));
+        let (r, _) = d.dispatch_from(&ok, Some("127.0.0.1".parse().unwrap())).await;
+        assert_eq!(codec::decode(&r, &Limits::default()).unwrap(), Value::Dict(vec![]));
     }
 
     #[test]

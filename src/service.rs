@@ -1,4 +1,4 @@
-//! The service socket's commands (PROTOCOL.md §8): control-server administration.
+//! The service socket's commands: control-server administration.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -8,12 +8,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::cgse::storage::HousekeepingSink;
 use crate::codec::Value;
 use crate::logging::{self, LogControl};
 use crate::monitor::StatusSampler;
 use crate::protocol::{exception, py_repr, PyExc};
 use crate::server::{Call, CommandError, Handler, HandlerFuture};
-use crate::storage::HousekeepingSink;
 
 /// What `get_cs_module` answers: the module CGSE tools expect for the Process Manager.
 pub const CS_MODULE: &str = "egse.procman.procman_cs";
@@ -58,6 +58,39 @@ pub struct ServiceState {
     pub sampler: Arc<StatusSampler>,
     /// Cancelled by `quit_server`.
     pub shutdown: CancellationToken,
+    /// What a peer may set or add (settings of the `Procman` group).
+    pub bounds: ServiceBounds,
+}
+
+/// Bounds on what the service commands accept from a peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceBounds {
+    /// Shortest and longest period (ms) a `set_*_frequency` may set; others are clamped into it.
+    pub min_period_ms: f64,
+    pub max_period_ms: f64,
+    pub max_listeners: usize,
+    /// Longest listener name in bytes.
+    pub max_listener_name: usize,
+}
+
+impl Default for ServiceBounds {
+    fn default() -> Self {
+        ServiceBounds {
+            min_period_ms: 10.0,
+            max_period_ms: 3_600_000.0,
+            max_listeners: 100,
+            max_listener_name: 256,
+        }
+    }
+}
+
+/// A peer-supplied name for the log: at most 80 characters.
+pub fn log_name(name: &str) -> String {
+    const MAX: usize = 80;
+    match name.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}… ({} bytes)", &name[..i], name.len()),
+        None => name.to_owned(),
+    }
 }
 
 impl ServiceState {
@@ -81,7 +114,14 @@ impl ServiceState {
             hk_columns,
             sampler,
             shutdown,
+            bounds: ServiceBounds::default(),
         }
+    }
+
+    /// Replace the default bounds.
+    pub fn with_bounds(mut self, bounds: ServiceBounds) -> ServiceState {
+        self.bounds = bounds;
+        self
     }
 
     /// The status dict, timed into the `get_status` average.
@@ -128,9 +168,14 @@ fn frequency(v: Option<Value>) -> Result<f64, CommandError> {
     }
 }
 
-/// The new period for frequency `freq`, never shorter than the average run time + 200 ms (CGSE's rule).
-fn period_ms(freq: f64, avg_seconds: Option<f64>) -> f64 {
-    (1000.0 / freq).max(1000.0 * (avg_seconds.unwrap_or(0.0) + 0.2))
+/// The new period for frequency `freq`, never shorter than the average run time + 200 ms (CGSE's rule),
+/// and clamped into the bounds: a tiny frequency would otherwise make an infinite period.
+fn period_ms(freq: f64, avg_seconds: Option<f64>, b: &ServiceBounds) -> f64 {
+    let p = (1000.0 / freq).max(1000.0 * (avg_seconds.unwrap_or(0.0) + 0.2));
+    if p.is_nan() {
+        return b.max_period_ms;
+    }
+    p.clamp(b.min_period_ms, b.max_period_ms.max(b.min_period_ms))
 }
 
 fn python_level(v: &Value) -> Option<i64> {
@@ -166,14 +211,14 @@ impl ServiceHandler {
         match call.name.as_str() {
             "set_monitoring_frequency" => {
                 let freq = frequency(call.bind(&["freq"], 1)?.swap_remove(0))?;
-                let ms = period_ms(freq, lock(&s.get_status_time).mean());
+                let ms = period_ms(freq, lock(&s.get_status_time).mean(), &s.bounds);
                 s.mon_delay_ms.send_replace(ms);
                 info!(delay_ms = ms, "monitoring period changed");
                 Ok(Value::Float(ms))
             }
             "set_hk_frequency" => {
                 let freq = frequency(call.bind(&["freq"], 1)?.swap_remove(0))?;
-                let ms = period_ms(freq, lock(&s.get_housekeeping_time).mean());
+                let ms = period_ms(freq, lock(&s.get_housekeeping_time).mean(), &s.bounds);
                 s.hk_delay_ms.send_replace(ms);
                 info!(delay_ms = ms, "housekeeping period changed");
                 Ok(Value::Float(ms))
@@ -253,7 +298,7 @@ impl ServiceHandler {
                 match l.iter().position(|(n, _)| *n == name) {
                     Some(i) => {
                         l.remove(i);
-                        info!(listener = %name, "removed listener");
+                        info!(listener = %log_name(&name), "removed listener");
                         Ok(ack())
                     }
                     None => Ok(nack(
@@ -297,6 +342,17 @@ impl ServiceHandler {
                 &format!("Expected 'name' key in listener argument {}.", py_repr(&listener)),
             );
         };
+        let b = &self.state.bounds;
+        if name.len() > b.max_listener_name {
+            return nack(
+                PyExc::ValueError,
+                &format!(
+                    "Listener name of {} bytes refused: at most {} (setting Procman.MAX_LISTENER_NAME).",
+                    name.len(),
+                    b.max_listener_name
+                ),
+            );
+        }
         let proxy = listener.get("proxy").cloned().unwrap_or(Value::None);
         // We cannot import the class to check it subclasses Proxy; a class reference is what a
         // proxy class pickles to, anything else cannot be one.
@@ -316,7 +372,17 @@ impl ServiceHandler {
                 &format!("Process {name} is already registered as a listener."),
             );
         }
-        info!(listener = %name, "registered listener");
+        if l.len() >= b.max_listeners {
+            return nack(
+                PyExc::ValueError,
+                &format!(
+                    "Listener {} refused: {} listeners registered, the most allowed (setting Procman.MAX_LISTENERS).",
+                    log_name(&name),
+                    l.len()
+                ),
+            );
+        }
+        info!(listener = %log_name(&name), "registered listener");
         l.push((name, proxy));
         ack()
     }
@@ -336,8 +402,8 @@ impl Handler for ServiceHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cgse::storage::LocalCsv;
     use crate::logging::RecordingLogControl;
-    use crate::storage::LocalCsv;
 
     fn handler() -> (ServiceHandler, Arc<RecordingLogControl>) {
         let log = Arc::new(RecordingLogControl::default());
@@ -395,6 +461,73 @@ mod tests {
             h.call(call("set_hk_frequency", vec![])).await,
             Err(CommandError::Type(_))
         ));
+    }
+
+    /// Issue 13, finding 1: a tiny frequency made an infinite period (and a panic in the tasks). It is
+    /// clamped to the longest period, and the reply says what was applied.
+    #[tokio::test]
+    async fn tiny_and_huge_frequencies_are_clamped() {
+        let (h, _) = handler();
+        let max = h.state.bounds.max_period_ms;
+        for tiny in [Value::Float(1e-300), Value::Float(5e-324), Value::str("1e-300")] {
+            assert_eq!(
+                h.call(call("set_monitoring_frequency", vec![tiny.clone()])).await,
+                Ok(Value::Float(max))
+            );
+            assert_eq!(
+                h.call(call("set_hk_frequency", vec![tiny])).await,
+                Ok(Value::Float(max))
+            );
+        }
+        assert_eq!(*h.state.mon_delay_ms.borrow(), max);
+        assert_eq!(*h.state.hk_delay_ms.borrow(), max);
+        for bad in [
+            Value::Float(f64::INFINITY),
+            Value::Float(f64::NEG_INFINITY),
+            Value::str("inf"),
+        ] {
+            assert!(matches!(
+                h.call(call("set_hk_frequency", vec![bad])).await,
+                Err(CommandError::Value(_))
+            ));
+        }
+        // A huge frequency is bounded below by CGSE's 200 ms rule and the minimum period.
+        let Ok(Value::Float(ms)) = h.call(call("set_hk_frequency", vec![Value::Float(1e300)])).await else {
+            panic!()
+        };
+        assert!(ms >= h.state.bounds.min_period_ms && ms.is_finite(), "{ms}");
+    }
+
+    /// Issue 13, finding 5: listeners are bounded in count and name length.
+    #[tokio::test]
+    async fn listeners_are_bounded() {
+        let (h, _) = handler();
+        let b = h.state.bounds.clone();
+        let named = |n: String| Value::dict([("name", Value::Str(n)), ("proxy", Value::None)]);
+        let long = "x".repeat(b.max_listener_name + 1);
+        let r = h.call(call("add_listener", vec![named(long)])).await.unwrap();
+        assert!(matches!(&r, Value::Tuple(t) if t[0] == Value::str("NACK")), "{r:?}");
+        assert_eq!(
+            h.call(call("add_listener", vec![named("y".repeat(b.max_listener_name))]))
+                .await,
+            Ok(ack())
+        );
+        for i in 1..b.max_listeners {
+            assert_eq!(
+                h.call(call("add_listener", vec![named(format!("l{i}"))])).await,
+                Ok(ack())
+            );
+        }
+        let r = h
+            .call(call("add_listener", vec![named("one-too-many".into())]))
+            .await
+            .unwrap();
+        assert!(matches!(&r, Value::Tuple(t) if t[0] == Value::str("NACK")), "{r:?}");
+        assert_eq!(h.state.listener_names().len(), b.max_listeners);
+        assert_eq!(
+            log_name(&"z".repeat(10_000)).chars().count(),
+            80 + " (10000 bytes)".len() + 1
+        );
     }
 
     #[tokio::test]

@@ -29,7 +29,10 @@ pub enum SetupError {
 /// One device of the Setup.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Device {
+    /// `device_name` as text (a non-string name in its Python repr).
     pub name: String,
+    /// The raw `device_name` value: the reply keys on it, so a name `5` stays the int `5`.
+    pub name_value: Value,
     /// The raw `device` value, e.g. `class//egse.dummy.DummyProxy`.
     pub device: Value,
     pub device_id: Option<Value>,
@@ -79,13 +82,13 @@ impl Node {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
+        // As `Setup.from_yaml_file`: a `Setup` key is the Setup (its siblings are ignored), else the whole
+        // document is.
         let doc = match doc {
             Json::Object(mut m) => match m.shift_remove("Setup") {
-                Some(inner @ Json::Object(_)) if m.is_empty() => inner,
-                Some(inner) => {
-                    m.insert("Setup".into(), inner);
-                    Json::Object(m)
-                }
+                Some(inner @ Json::Object(_)) => inner,
+                Some(Json::Null) => Json::Object(Default::default()),
+                Some(_) => return Err(SetupError::NotAMapping),
                 None => Json::Object(m),
             },
             Json::Null => Json::Object(Default::default()),
@@ -112,22 +115,34 @@ impl Node {
     }
 
     /// `Setup.find_devices`: depth first, YAML order; a node with both `device` and `device_name` is a
-    /// device (and is not searched further); a later duplicate name overwrites an earlier one.
+    /// device (and is not searched further); a later duplicate name overwrites an earlier one in place.
     pub fn devices(&self) -> Vec<Device> {
         let mut out: Vec<Device> = Vec::new();
-        walk(self, &mut |d| match out.iter_mut().find(|e| e.name == d.name) {
+        walk(self, &|n| n.has("device") && n.has("device_name"), &mut |d| match out
+            .iter_mut()
+            .find(|e| e.name_value == d.name_value)
+        {
             Some(e) => *e = d,
             None => out.push(d),
         });
         out
     }
 
-    /// Every device node in walk order, duplicates included: `Setup.find_device_ids` walks these (keyed by
-    /// id, so a device whose name a later one reuses still has its id entry).
+    /// The nodes `Setup.find_device_ids` lists, in walk order, duplicates included: a node is one when it
+    /// has `device`, `device_id` and `device_name`; any other mapping is searched further, so devices below
+    /// a device node without an id are found too (unlike [`Node::devices`]).
     pub fn device_nodes(&self) -> Vec<Device> {
         let mut out = Vec::new();
-        walk(self, &mut |d| out.push(d));
+        walk(
+            self,
+            &|n| n.has("device") && n.has("device_id") && n.has("device_name"),
+            &mut |d| out.push(d),
+        );
         out
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
     }
 
     fn get(&self, key: &str) -> Option<&Node> {
@@ -146,29 +161,32 @@ impl Node {
     }
 }
 
-fn walk(node: &Node, found: &mut dyn FnMut(Device)) {
+/// The walk both CGSE functions share: every mapping value, depth first in YAML order; one that
+/// `is_device` accepts is reported and not searched further, any other is searched.
+fn walk(node: &Node, is_device: &dyn Fn(&Node) -> bool, found: &mut dyn FnMut(Device)) {
     let Node::Map(items) = node else { return };
     for (_, sub) in items {
         let Node::Map(_) = sub else { continue };
-        if sub.get("device").is_some() && sub.get("device_name").is_some() {
+        if is_device(sub) {
             let raw = |k: &str| match sub.get(k) {
                 Some(Node::Leaf(v)) => Some(v.clone()),
                 Some(n @ Node::Map(_)) => Some(node_value(n)),
                 None => None,
             };
-            let name = match raw("device_name") {
-                Some(Value::Str(s)) => s,
-                Some(other) => crate::protocol::py_repr(&other),
-                None => continue,
+            let name_value = raw("device_name").unwrap_or(Value::None);
+            let name = match &name_value {
+                Value::Str(s) => s.clone(),
+                other => crate::protocol::py_repr(other),
             };
             found(Device {
                 name,
+                name_value,
                 device: raw("device").unwrap_or(Value::None),
                 device_id: raw("device_id"),
                 device_args: raw("device_args"),
             });
         } else {
-            walk(sub, found);
+            walk(sub, is_device, found);
         }
     }
 }
@@ -180,7 +198,7 @@ pub fn devices_reply(devices: &[Device]) -> Value {
             .iter()
             .map(|d| {
                 (
-                    Value::str(&d.name),
+                    d.name_value.clone(),
                     Value::Tuple(vec![
                         d.device.clone(),
                         d.device_id.clone().unwrap_or(Value::None),
@@ -193,12 +211,13 @@ pub fn devices_reply(devices: &[Device]) -> Value {
 }
 
 /// `get_device_ids` reply: `{device_id: (device_name, device, device_args)}` for devices with an id.
-/// Give it [`Node::device_nodes`]: the name-deduplicated [`Node::devices`] would lose ids.
+/// Give it [`Node::device_nodes`]: [`Node::devices`] neither descends below an id-less device nor keeps a
+/// device whose name a later one reuses.
 pub fn device_ids_reply(devices: &[Device]) -> Value {
     let mut items: Vec<(Value, Value)> = Vec::new();
     for d in devices {
         let Some(id) = d.device_id.clone() else { continue };
-        let v = Value::Tuple(vec![Value::str(&d.name), d.device.clone(), d.wire_args()]);
+        let v = Value::Tuple(vec![d.name_value.clone(), d.device.clone(), d.wire_args()]);
         match items.iter_mut().find(|(k, _)| *k == id) {
             Some(e) => e.1 = v,
             None => items.push((id, v)),
@@ -462,6 +481,56 @@ Setup:
                 Value::Tuple(vec![])
             ])
         );
+    }
+
+    fn keys(v: &Value) -> Vec<Value> {
+        let Value::Dict(items) = v else { panic!("{v:?}") };
+        items.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    // The cases below came from the differential test against CGSE (`tests/python/test_setup_walk.py`).
+
+    #[test]
+    fn ids_are_found_below_a_device_without_an_id() {
+        let yaml = "Setup:\n  aeu:\n    device: class//x.AEU\n    device_name: AEU\n    psu:\n      device: class//x.PSU\n      device_name: PSU\n      device_id: PSU_01\n";
+        let n = Node::from_yaml(yaml, "nested").unwrap();
+        // find_devices stops at the outer device, find_device_ids does not.
+        assert_eq!(keys(&devices_reply(&n.devices())), [Value::str("AEU")]);
+        assert_eq!(keys(&device_ids_reply(&n.device_nodes())), [Value::str("PSU_01")]);
+    }
+
+    #[test]
+    fn a_node_missing_a_field_is_searched_and_lists_of_mappings_are_not() {
+        let yaml = r#"{"Setup": {
+            "half": {"device_id": "H", "device_name": "Half", "inner": {"device": 1, "device_name": "In", "device_id": "I"}},
+            "noname": {"device": "d", "device_id": "N", "deeper": {"device": 2, "device_name": 7, "device_id": 3}},
+            "listed": [{"device": 3, "device_name": "L", "device_id": "L"}]
+        }}"#;
+        let n = Node::from_yaml(yaml, "shapes").unwrap();
+        let devices = devices_reply(&n.devices());
+        assert_eq!(keys(&devices), [Value::str("In"), Value::Int(7)]);
+        assert_eq!(
+            keys(&device_ids_reply(&n.device_nodes())),
+            [Value::str("I"), Value::Int(3)]
+        );
+        // A non-string name stays what it is, in the key and in the id entry.
+        let Value::Dict(ids) = device_ids_reply(&n.device_nodes()) else {
+            panic!()
+        };
+        assert_eq!(
+            ids[1].1,
+            Value::Tuple(vec![Value::Int(7), Value::Int(2), Value::Tuple(vec![])])
+        );
+    }
+
+    #[test]
+    fn a_null_id_is_an_id_and_the_setup_key_wins_over_its_siblings() {
+        let yaml = "Other:\n  o: {device: o, device_name: O, device_id: O}\nSetup:\n  a: {device: a, device_name: A, device_id: null}\n";
+        let n = Node::from_yaml(yaml, "siblings").unwrap();
+        assert_eq!(keys(&devices_reply(&n.devices())), [Value::str("A")]);
+        assert_eq!(keys(&device_ids_reply(&n.device_nodes())), [Value::None]);
+        assert!(Node::from_yaml("Setup: 3\n", "x").is_err());
+        assert!(Node::from_yaml("Setup:\n", "x").unwrap().devices().is_empty());
     }
 
     #[test]

@@ -416,6 +416,47 @@ impl Subscriber {
     }
 }
 
+/// A connected PUSH socket (one-way: the Logger's receiver, the Metrics Hub's collector).
+pub struct PushClient {
+    endpoint: String,
+    socket: zeromq::PushSocket,
+}
+
+impl PushClient {
+    /// Connect within `limit`; a refused connection fails at once (the caller retries on its own).
+    pub async fn connect(endpoint: &str, limit: Duration) -> Result<PushClient, TransportError> {
+        let socket = connect_within(
+            zeromq::PushSocket::with_options(socket_options(limit)),
+            endpoint,
+            limit,
+            true,
+        )
+        .await?;
+        Ok(PushClient {
+            endpoint: endpoint.to_owned(),
+            socket,
+        })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Send one single-frame message within `timeout`. After an error or a timeout the socket must be
+    /// dropped (zmq.rs may hold a half-sent message): the caller connects afresh.
+    pub async fn send(&mut self, payload: Vec<u8>, timeout: Duration) -> Result<(), TransportError> {
+        let endpoint = self.endpoint.clone();
+        match tokio::time::timeout(timeout, self.socket.send(ZmqMessage::from(payload))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(TransportError::Send {
+                endpoint,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(TransportError::Timeout { endpoint, timeout }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,11 +46,6 @@ pub fn yyyymmdd(t: SystemTime) -> String {
     format!("{y:04}{mo:02}{d:02}")
 }
 
-/// Seconds since the UNIX epoch as a float.
-pub fn unix_time(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
 /// The address of the interface that routes outwards, as CGSE's `get_host_ip()` finds it: the local
 /// end of a UDP "connection" to 10.255.255.255 (nothing is sent), else the address of the host name.
 /// May block on name resolution: call it off the request path.

@@ -3,8 +3,7 @@
 //! `python3` is available, let CPython load our encoding and compare it with its own load of the
 //! original.
 //!
-//! Fixtures are found via `PROCMAN_FIXTURES`, else `../shared/reference/fixtures` relative to the
-//! crate (the layout of `/work/main`), else `/work/shared/reference/fixtures`.
+//! Fixtures: `tests/fixtures` (copied from the reference captures; see `tests/fixtures/README.md`).
 
 mod support;
 use std::path::{Path, PathBuf};

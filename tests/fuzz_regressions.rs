@@ -8,23 +8,25 @@ use procman::codec::{decode, encode, Limits, Value};
 use procman::protocol::{self, SocketKind};
 use procman::server::{Call, CommandError, Dispatcher, Handler, HandlerFuture, Ports, ServerInfo};
 
+/// The inputs of one target; a missing or empty folder fails the test (it would otherwise test nothing).
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fuzz-regressions")
         .join(target);
     let mut out: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&dir)
-        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
             p.is_file() && !name.starts_with("README") && !name.starts_with('.')
         })
         .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
+            let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             (p, bytes)
         })
         .collect();
+    assert!(!out.is_empty(), "no regression inputs in {}", dir.display());
     out.sort();
     out
 }
@@ -88,11 +90,21 @@ async fn dispatch_regressions() {
         ),
         Dispatcher::new(SocketKind::Service, svc, Arc::new(Minimal), info, Limits::default()),
     ];
+    let ping = encode(&Value::str("Ping"));
     for (path, data) in inputs("dispatch") {
         println!("{}", path.display());
         for d in &dispatchers {
+            // Every input here is a request the original mishandled or one that once mattered: each must be
+            // refused with a Failure, and the dispatcher must go on answering.
             let (reply, _) = d.dispatch(&data).await;
-            decode(&reply, &Limits::default()).expect("every reply is a pickle we can read");
+            let reply = decode(&reply, &Limits::default()).expect("every reply is a pickle we can read");
+            assert!(
+                reply.as_object().is_some_and(|o| o.is("egse.response", "Failure")),
+                "{}: not a Failure: {reply:?}",
+                path.display()
+            );
+            let (pong, _) = d.dispatch(&ping).await;
+            assert_eq!(decode(&pong, &Limits::default()), Ok(Value::str("Pong")));
         }
     }
 }

@@ -2,16 +2,15 @@
 //! services (`integration/` fixtures): the minimal requests sm_cs and cm_cs accepted, their replies, and the
 //! pickled `Setup` with the original's `find_devices` / `find_device_ids` output.
 //!
-//! Fixtures are found via `PROCMAN_FIXTURES`, else `../shared/reference/fixtures` relative to the crate, else
-//! `/work/shared/reference/fixtures`.
+//! Fixtures: `tests/fixtures` (copied from the reference captures; see `tests/fixtures/README.md`).
 
 mod support;
 
+use procman::cgse::confman::{get_setup_request, parse_get_setup_reply};
+use procman::cgse::storage::{HkRecord, HkValue};
+use procman::cgse::storage_manager::{register_request, save_request, success_message, unregister_request};
 use procman::codec::{decode, Limits, Value};
-use procman::confman::{get_setup_request, parse_get_setup_reply};
 use procman::setup::{device_ids_reply, devices_reply};
-use procman::storage::{HkRecord, HkValue};
-use procman::storage_manager::{register_request, save_request, success_message, unregister_request};
 
 use support::fixtures_root;
 

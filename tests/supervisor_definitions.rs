@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use procman::supervisor::{validate_cgse_cmd, DeviceSpec, PingTarget, ProcessTable, RestartPolicy};
+use procman::supervisor::{validate_cgse_cmd, DeviceSpec, Launchers, PingTarget, ProcessTable, RestartPolicy};
 
 fn table() -> ProcessTable {
     ProcessTable::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("settings/procman.yaml")).unwrap()
@@ -113,11 +113,32 @@ fn client_commands_are_validated_never_shelled() {
     assert!(e.contains("not allowed") && e.contains("allowed programs: cgse"), "{e}");
     assert_eq!(validate_cgse_cmd("cgse dummy", &allowed).unwrap(), ["cgse", "dummy"]);
 
-    // A legacy StartCommand becomes a forking definition with a literal argv.
+    // A legacy StartCommand becomes a forking definition with a literal argv, its program resolved to an
+    // absolute path (here from a directory holding a stand-in `cgse`), its launcher a permitted one.
+    let dir = std::env::temp_dir().join(format!("procman-defs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cgse = dir.join("cgse");
+    std::fs::write(&cgse, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&cgse, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut launchers = Launchers::new(&[], &["puna".into()], &[], "test".into());
+    launchers.search_path = Some(dir.display().to_string());
     let d = table()
-        .legacy_definition("PUNA_01", "cgse puna", &["PUNA_01".into()], true)
+        .legacy_definition("PUNA_01", "cgse puna", &["PUNA_01".into()], true, &launchers)
         .unwrap();
     assert!(d.forking);
-    assert_eq!(d.effective_argv(), ["cgse", "puna", "start", "PUNA_01", "--sim"]);
-    assert!(table().legacy_definition("X", "cgse puna; reboot", &[], false).is_err());
+    let program = cgse.display().to_string();
+    assert_eq!(
+        d.effective_argv(),
+        [program.as_str(), "puna", "start", "PUNA_01", "--sim"]
+    );
+    assert!(table()
+        .legacy_definition("X", "cgse puna; reboot", &[], false, &launchers)
+        .is_err());
+    assert!(
+        table()
+            .legacy_definition("X", "cgse tcu", &[], false, &launchers)
+            .is_err(),
+        "not a launcher"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

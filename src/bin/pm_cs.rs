@@ -1,46 +1,15 @@
-//! `pm_cs`: the procman daemon and its command line. Parses arguments and delegates to the library.
+//! `pm_cs`: the procman daemon and its command line. Parses arguments and delegates to the library
+//! (`procman::cli`), which the Python CLI shares.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(name = "pm_cs", version, about = "CGSE Process Manager control server (procman)")]
-struct Cli {
-    /// Local settings file merged over the defaults (instead of the one named by <PROJECT>_LOCAL_SETTINGS).
-    #[arg(long, global = true, value_name = "FILE")]
-    settings: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the control server in the foreground until SIGINT, SIGTERM or quit_server.
-    Start,
-    /// Report whether the Process Manager is active, and its ports.
-    Status,
-    /// Ask a running Process Manager to quit.
-    Stop,
-    /// Inspect pickled frames (a debugging aid; nothing is imported or executed).
-    #[command(hide = true)]
-    Pickle {
-        #[command(subcommand)]
-        action: PickleAction,
-    },
-}
-
-#[derive(Subcommand)]
-enum PickleAction {
-    /// Print the decoded structure of a pickle file.
-    Show { file: PathBuf },
-    /// Decode a pickle file and write it back with our encoder.
-    Reencode { input: PathBuf, output: PathBuf },
-}
+use procman::cli::{self, Command, Flavour};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match cli::parse(std::env::args_os()) {
+        Ok(c) => c,
+        Err(code) => return ExitCode::from(code),
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -53,16 +22,14 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        match cli.command {
-            Command::Start => procman::cli::start(cli.settings.as_deref()).await,
-            Command::Status => procman::cli::status(cli.settings.as_deref()).await,
-            Command::Stop => procman::cli::stop(cli.settings.as_deref()).await,
-            Command::Pickle {
-                action: PickleAction::Show { file },
-            } => procman::cli::pickle_show(&file),
-            Command::Pickle {
-                action: PickleAction::Reencode { input, output },
-            } => procman::cli::pickle_reencode(&input, &output),
+        match &cli.command {
+            Command::Start => cli::start(cli.settings.as_deref()).await,
+            Command::StartBg => cli::start_bg(cli.settings.as_deref()).await,
+            // Every other command ends on Ctrl-C with 130, as shells expect.
+            _ => tokio::select! {
+                r = cli::run(&cli, Flavour::Rust) => r,
+                _ = tokio::signal::ctrl_c() => Ok(130),
+            },
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_millis(200));

@@ -25,5 +25,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serve::log_location, m)?)?;
     m.add_function(wrap_pyfunction!(serve::is_process_manager_active, m)?)?;
     m.add_function(wrap_pyfunction!(serve::is_control_server_active, m)?)?;
+    m.add_function(wrap_pyfunction!(serve::cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(serve::render_markup, m)?)?;
+    m.add_function(wrap_pyfunction!(serve::wrap_line, m)?)?;
     Ok(())
 }

@@ -19,7 +19,9 @@ use crate::codec::Value;
 use crate::config::{Env, PmSettings, Settings};
 use crate::daemon::DaemonConfig;
 use crate::objects::PROCMAN_MODULE;
-use crate::proxy::{self as core, Endpoint, LoadOutcome, ProxyCore, SendError, NOT_CONNECTED_IN_CONTEXT, PING_TIMEOUT};
+use crate::proxy::{
+    self as core, Endpoint, LoadOutcome, ProxyCore, SendError, StatusError, NOT_CONNECTED_IN_CONTEXT, PING_TIMEOUT,
+};
 
 /// How long a request runs without the GIL before signals are checked.
 pub const SLICE: Duration = Duration::from_millis(50);
@@ -586,6 +588,33 @@ impl ProcessManagerProxy {
     /// Where the registry registration, the Setup and the housekeeping stand now.
     fn get_integration_status(&self) -> PyResult<Py<PyAny>> {
         Err(not_loaded("ProcessManagerProxy", "get_integration_status"))
+    }
+
+    /// What `pm_cs status` shows, as a dict: `hostname`, `commanding_port`, `monitoring_port`, `service_port`,
+    /// `registry`, `setup`, `housekeeping`, `processes` (count by state), `process_count`. A `Failure` when the
+    /// server does not answer, or does not announce `get_integration_status`/`list_processes`.
+    fn get_status<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let outcome = {
+            let mut guard = slf.as_super().try_borrow_mut()?;
+            let this = &mut *guard;
+            let r = block_on(py, &this.rt, this.core.process_manager_status());
+            if r.is_err() {
+                this.core.abandon();
+            }
+            r?
+        };
+        match outcome {
+            Ok(v) => to_py(py, &v),
+            Err(StatusError::Send(SendError::Decode(message))) => Err(PyValueError::new_err(message)),
+            Err(e) => {
+                let message = e.to_string();
+                if matches!(e, StatusError::Send(SendError::Offline(_))) {
+                    log(py, "critical", &message);
+                }
+                failure(py, &message)
+            }
+        }
     }
 }
 

@@ -106,3 +106,47 @@ pub fn is_control_server_active(py: Python<'_>, endpoint: &str, timeout: f64) ->
     let timeout = Duration::from_secs_f64(timeout.clamp(0.0, 1e6));
     block_on(py, &runtime()?, crate::proxy::control_server_active(&connect, timeout))
 }
+
+/// The command line (`pm_cs …`, `cgse procman …`): `argv[0]` is the name shown in usage. Parses and runs
+/// the command in Rust with the GIL released; returns the exit code (0 ok, 1 failure with the reason on
+/// stderr, 2 usage, 130 after Ctrl-C). `flavour` `"python"` prints the original CLI's `status`/`stop` texts,
+/// `"rust"` those of the `pm_cs` binary. `start`/`start-bg` are the Python module's own (exit code 1 here).
+#[pyfunction]
+#[pyo3(signature = (argv, flavour = "python"))]
+pub fn cli_main(py: Python<'_>, argv: Vec<String>, flavour: &str) -> PyResult<i32> {
+    let flavour = match flavour {
+        "python" => crate::cli::Flavour::Python,
+        "rust" => crate::cli::Flavour::Rust,
+        other => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "flavour must be 'python' or 'rust', got {other:?}"
+            )))
+        }
+    };
+    let prog = argv.first().cloned().unwrap_or_else(|| "pm_cs".into());
+    let cli = match crate::cli::parse(argv) {
+        Ok(c) => c,
+        Err(code) => return Ok(i32::from(code)),
+    };
+    match block_on(py, &runtime()?, crate::cli::run(&cli, flavour)) {
+        Ok(Ok(code)) => Ok(i32::from(code)),
+        Ok(Err(e)) => {
+            eprintln!("{prog}: {e}");
+            Ok(1)
+        }
+        Err(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => Ok(130),
+        Err(e) => Err(e),
+    }
+}
+
+/// Rich-style markup as the CLI prints it: ANSI colours when `colour`, else plain text broken at `width`.
+#[pyfunction]
+pub fn render_markup(text: &str, width: usize, colour: bool) -> String {
+    crate::cli::format::render_markup(text, width, colour)
+}
+
+/// Break a line at spaces so that no part exceeds `width`, keeping the space at the break (as rich does).
+#[pyfunction]
+pub fn wrap_line(line: &str, width: usize) -> Vec<String> {
+    crate::cli::format::wrap(line, width)
+}

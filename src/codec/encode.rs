@@ -1,6 +1,6 @@
 //! Pickle encoder (protocol 4).
 //!
-//! Writes the minimal opcode subset of PROTOCOL.md §3.3, which the real CGSE clients were validated
+//! Writes the minimal opcode subset that the real CGSE clients were validated
 //! against: `PROTO 4`, no FRAME (optional for the reader) and no memo, so an object referenced twice
 //! is written twice. Batches of 1000 items per APPENDS/SETITEMS/ADDITEMS mirror CPython, which keeps
 //! the reader's stack small. `bytearray` uses BYTEARRAY8 (a protocol 5 opcode that every Python ≥ 3.8
@@ -206,7 +206,7 @@ mod tests {
 
     #[test]
     fn scalars_match_cpython_bytes() {
-        // Bytes from PROTOCOL.md §3.1 (frame-free forms).
+        // Bytes as CPython writes them (frame-free forms).
         assert_eq!(hex(&encode(&Value::None)), "80044e2e");
         assert_eq!(hex(&encode(&Value::Int(42))), "80044b2a2e");
         assert_eq!(hex(&encode(&Value::Int(6120))), "80044de8172e");

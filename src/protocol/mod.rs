@@ -1,7 +1,7 @@
 //! What travels on the CGSE control-server sockets, as values: requests, replies, command objects.
 //!
 //! The codec turns bytes into [`Value`]s; this module gives them meaning. It is pure (no sockets), so
-//! every rule of PROTOCOL.md §4–§6 is testable without a daemon.
+//! every rule (replies, command objects, the built-in names) is testable without a daemon.
 
 pub mod commands;
 
@@ -9,7 +9,7 @@ pub use commands::{load_tables, parse_placeholders, CommandSpec, CommandTable, P
 
 use crate::codec::{Object, Value};
 
-/// The names answered by every control server without a command object (PROTOCOL.md §6).
+/// The names answered by every control server without a command object.
 pub const BUILTINS: [&str; 7] = [
     "Ping",
     "send_commands",
@@ -164,7 +164,7 @@ pub fn exception(exc: PyExc, message: &str) -> Value {
     Value::reduce("builtins", exc.name(), vec![Value::str(message)], None)
 }
 
-/// `egse.response.Failure(message)` (PROTOCOL.md §4.3).
+/// `egse.response.Failure(message)`.
 pub fn failure(message: &str) -> Value {
     Value::reduce(
         "egse.response",
@@ -176,7 +176,7 @@ pub fn failure(message: &str) -> Value {
 
 /// `egse.response.Failure(context, cause)` with `message = "<context>: <cause text>"`.
 ///
-/// Deliberate fix of PROTOCOL.md §14.8: the original passes a context ending in `": "`, which doubles
+/// Deliberate fix of a known bug of the original (README, "Where we deliberately differ from the original"): it passes a context ending in `": "`, which doubles
 /// the separator (`"Executing X failed: : …"`); we write it once.
 pub fn failure_with_cause(context: &str, exc: PyExc, cause: &str) -> Value {
     let message = format!("{context}: {cause}");

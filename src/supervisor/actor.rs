@@ -16,8 +16,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::definition::{ProcessDefinition, RestartPolicy, ID_ENV};
+use super::definition::{resolve_program, ProcessDefinition, RestartPolicy, ID_ENV, OWNER_ENV};
 use super::error::SupervisorError;
+use super::gate::{self, GateFuture};
 use super::logs::LogSink;
 use super::reaper::{ExitReport, ExitSender};
 use super::record::{unix_now, DefinitionSummary, Desired, EventKind, ProcessEvent, ProcessRecord, ProcessState};
@@ -104,6 +105,17 @@ struct Stopping {
     then: AfterStop,
 }
 
+/// Why a `/proc` marker scan is running (scans run on the blocking pool, never on the runtime).
+enum ScanFor {
+    /// A forking launcher exited 0: find the process it left behind.
+    Adopt(ExitReport),
+    /// A stop: find marked processes outside the recorded groups (e.g. a grandchild that called `setsid`).
+    Stop,
+}
+
+/// The least time between two marker scans of one stop.
+const SCAN_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Group members left behind by an exited leader: signalled, then SIGKILLed at `kill_at`.
 struct Leftovers {
     groups: Vec<i32>,
@@ -126,6 +138,10 @@ pub(crate) struct Actor {
     backoff_at: Option<Instant>,
     probe: Option<ProbeFuture>,
     probe_at: Option<Instant>,
+    /// Waiting for dependencies / the restart hook before spawning ([`gate`]); the state is `BACKOFF`.
+    gate: Option<GateFuture>,
+    /// `last_error` before the gate's "waiting for" message, restored when the gate opens.
+    error_before_gate: Option<Option<String>>,
     ready_deadline: Option<Instant>,
     ready: Option<bool>,
     starts: VecDeque<Instant>,
@@ -137,6 +153,10 @@ pub(crate) struct Actor {
     last_start_time: Option<f64>,
     adopted: bool,
     finished: bool,
+    scan: Option<tokio::task::JoinHandle<Vec<sys::ProcStat>>>,
+    scan_for: Option<ScanFor>,
+    /// During a stop: the last marker scan found nothing left (reset whenever a scan finds survivors).
+    stop_clean: bool,
 }
 
 /// The record of a process before its state machine has run.
@@ -194,10 +214,24 @@ async fn poll_probe(probe: &mut Option<ProbeFuture>) -> bool {
     }
 }
 
+async fn poll_gate(gate: &mut Option<GateFuture>) {
+    match gate {
+        Some(g) => g.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn pidfd_exited(fd: Option<&AsyncFd<OwnedFd>>) {
     match fd {
         // Readable (or an error) means the process has exited.
         Some(fd) => drop(fd.readable().await),
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_scan(scan: &mut Option<tokio::task::JoinHandle<Vec<sys::ProcStat>>>) -> Vec<sys::ProcStat> {
+    match scan {
+        Some(h) => h.await.unwrap_or_default(),
         None => std::future::pending().await,
     }
 }
@@ -242,6 +276,8 @@ impl Actor {
             backoff_at: None,
             probe: None,
             probe_at: None,
+            gate: None,
+            error_before_gate: None,
             ready_deadline: None,
             ready: None,
             starts: VecDeque::new(),
@@ -252,6 +288,9 @@ impl Actor {
             last_start_time: None,
             adopted: false,
             finished: false,
+            scan: None,
+            scan_for: None,
+            stop_clean: false,
         }
     }
 
@@ -269,11 +308,101 @@ impl Actor {
                     self.probe = None;
                     self.on_probe(ok);
                 }
+                () = poll_gate(&mut self.gate) => {
+                    self.gate = None;
+                    self.on_gate_open();
+                }
                 () = pidfd_exited(self.run.as_ref().and_then(|r| r.pidfd.as_ref())) => self.on_pidfd_exit(),
+                found = poll_scan(&mut self.scan) => {
+                    self.scan = None;
+                    self.on_scan(found);
+                }
                 () = sleep_until_opt(deadline) => self.on_timer(),
             }
+            self.forget_if_transient();
         }
         self.sink.close(false);
+    }
+
+    // ----- client definitions --------------------------------------------------------------------------------
+
+    /// A client-created definition lives only as long as its process: once it is stopped, exited or fatal
+    /// (and nothing is pending), it is removed with its FIFOs, descriptors and log tail.
+    fn forget_if_transient(&mut self) {
+        if self.finished
+            || self.stopping.is_some()
+            || !matches!(
+                self.state,
+                ProcessState::Stopped | ProcessState::Exited | ProcessState::Fatal
+            )
+        {
+            return;
+        }
+        let transient = self
+            .ctx
+            .table()
+            .slots
+            .iter()
+            .any(|s| s.record.id == self.id && s.transient && !s.removing);
+        if transient {
+            tracing::info!(id = %self.id, state = %self.state, last_error = ?self.last_error, "client-created process ended; definition removed");
+            if let Some(slot) = self.ctx.table().slot_mut(&self.id) {
+                slot.removing = true;
+            }
+            self.remove();
+        }
+    }
+
+    // ----- marker scans ----------------------------------------------------------------------------------------
+
+    /// Starts a `/proc` scan for processes carrying this process's marker, unless one is running.
+    fn start_scan(&mut self, purpose: ScanFor) {
+        if self.scan.is_some() {
+            if matches!(purpose, ScanFor::Adopt(_)) {
+                self.scan_for = Some(purpose);
+            }
+            return;
+        }
+        let id = self.id.clone();
+        let owner = self.ctx.owner.clone();
+        self.scan = Some(tokio::task::spawn_blocking(move || {
+            sys::marked_processes(ID_ENV, &id, OWNER_ENV, &owner)
+        }));
+        self.scan_for = Some(purpose);
+    }
+
+    fn on_scan(&mut self, found: Vec<sys::ProcStat>) {
+        let purpose = self.scan_for.take();
+        if self.stopping.is_some() {
+            self.on_stop_scan(found);
+            return;
+        }
+        if let Some(ScanFor::Adopt(launcher)) = purpose {
+            let waiting = self.state == ProcessState::Starting && self.run.as_ref().is_some_and(|r| r.launcher);
+            if waiting {
+                self.adopt_from(launcher, found);
+            }
+        }
+    }
+
+    /// Signals every marked process a stop scan found (one by one: they may have left our groups), and ends
+    /// the stop when nothing is left.
+    fn on_stop_scan(&mut self, found: Vec<sys::ProcStat>) {
+        let killed = self.stopping.as_ref().is_some_and(|s| s.killed);
+        let signal = if killed { Signal::SIGKILL } else { self.def.stop_signal };
+        let survivors: Vec<i32> = found.iter().map(|p| p.pid).collect();
+        for pid in &survivors {
+            let _ = sys::signal_pid(*pid, signal);
+        }
+        if !survivors.is_empty() {
+            tracing::info!(id = %self.id, ?survivors, ?signal, "stopping marked processes outside the process group");
+        }
+        self.stop_clean = survivors.is_empty();
+        let now = Instant::now();
+        if let Some(st) = &mut self.stopping {
+            st.next_poll = Some(now + SCAN_INTERVAL.max(self.ctx.config.group_poll_interval));
+        }
+        self.tick_stopping(now);
     }
 
     // ----- reporting -------------------------------------------------------------------------------------
@@ -510,6 +639,7 @@ impl Actor {
             }
             ProcessState::Backoff => {
                 self.backoff_at = None;
+                self.clear_gate();
                 self.set_state(ProcessState::Stopped, None, None);
             }
             ProcessState::Stopped | ProcessState::Exited | ProcessState::Fatal => self.publish(None, None, None),
@@ -583,6 +713,7 @@ impl Actor {
             }
             ProcessState::Backoff => {
                 self.backoff_at = None;
+                self.clear_gate();
                 self.set_state(ProcessState::Stopped, None, None);
                 let _ = done.send(());
                 self.finished = true;
@@ -597,6 +728,7 @@ impl Actor {
     /// Forgets the process: event, table row, FIFOs.
     fn remove(&mut self) {
         self.backoff_at = None;
+        self.gate = None;
         if let Some(l) = self.leftovers.take() {
             for g in l.groups {
                 let _ = sys::signal_group(g, Signal::SIGKILL);
@@ -624,7 +756,55 @@ impl Actor {
 
     // ----- spawning and readiness ----------------------------------------------------------------------------
 
+    /// Spawns now, or once the [`gate`] opens (dependencies running; before a restart, the restart hook).
     fn spawn_now(&mut self) {
+        let restarting = self.last_exit.is_some() || self.restarts > 0;
+        self.backoff_at = None;
+        let Some(wait) = gate::gate(&self.ctx, &self.def, restarting) else {
+            self.gate = None;
+            self.spawn_process();
+            return;
+        };
+        let unmet = gate::unmet(&self.ctx, &self.def);
+        // Keep the error to restore, unless what is there is our own waiting message (a gate set again).
+        let waiting_message = self.gate.is_some()
+            && self
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("waiting for "));
+        if !waiting_message || self.error_before_gate.is_none() {
+            self.error_before_gate = Some(self.last_error.clone());
+        }
+        self.gate = Some(wait);
+        if !unmet.is_empty() {
+            self.last_error = Some(format!("waiting for {}", unmet.join(", ")));
+            tracing::info!(id = %self.id, waiting_for = ?unmet, "start waits for its dependencies");
+        }
+        if self.state == ProcessState::Backoff {
+            self.publish(None, None, None);
+        } else {
+            self.set_state(ProcessState::Backoff, None, None);
+        }
+    }
+
+    fn on_gate_open(&mut self) {
+        if let Some(previous) = self.error_before_gate.take() {
+            self.last_error = previous;
+        }
+        if self.state == ProcessState::Backoff && self.desired == Desired::Running {
+            self.spawn_process();
+        }
+    }
+
+    /// Drops a pending gate (stop, shutdown, removal).
+    fn clear_gate(&mut self) {
+        self.gate = None;
+        if let Some(previous) = self.error_before_gate.take() {
+            self.last_error = previous;
+        }
+    }
+
+    fn spawn_process(&mut self) {
         if let Some(l) = self.leftovers.take() {
             // Orphans of the previous run would hold its ports: they go before the new run starts.
             for g in l.groups {
@@ -638,12 +818,23 @@ impl Actor {
             self.after_failure(None, Duration::ZERO, Some("empty argv".to_owned()));
             return;
         };
-        let mut cmd = Command::new(program);
-        cmd.args(args);
+        let program = match resolve_program(program, &def) {
+            Ok(p) => p,
+            Err(msg) => {
+                tracing::warn!(id = %self.id, error = %msg, "spawn failed");
+                self.after_failure(None, Duration::ZERO, Some(msg));
+                return;
+            }
+        };
+        let mut cmd = Command::new(&program);
+        // The resolved path is what runs; the process still sees (and shows) the name it was given.
+        cmd.arg0(argv[0].as_str()).args(args);
         if !def.inherit_env {
             cmd.env_clear();
         }
-        cmd.envs(def.effective_env()).env(ID_ENV, &self.id);
+        cmd.envs(def.effective_env())
+            .env(ID_ENV, &self.id)
+            .env(OWNER_ENV, &self.ctx.owner);
         if let Some(cwd) = &def.cwd {
             cmd.current_dir(cwd);
         }
@@ -669,6 +860,7 @@ impl Actor {
                         pid,
                         pgid: pid,
                         groups: vec![pid],
+                        group_leaders: vec![(pid, start_ticks)],
                         start_ticks,
                         cmdline,
                         argv,
@@ -785,7 +977,10 @@ impl Actor {
             return;
         }
         match self.state {
-            ProcessState::Starting if run.launcher && report.code == Some(0) => self.adopt_descendants(report),
+            ProcessState::Starting if run.launcher && report.code == Some(0) => {
+                run.exit = Some(report);
+                self.start_scan(ScanFor::Adopt(report));
+            }
             ProcessState::Starting | ProcessState::Running => self.on_unexpected_exit(report, None),
             _ => {}
         }
@@ -810,7 +1005,7 @@ impl Actor {
             .groups
             .iter()
             .copied()
-            .filter(|g| sys::group_alive(*g))
+            .filter(|g| run.identity.group_trusted(*g) && sys::group_alive(*g))
             .collect();
         if groups.is_empty() {
             return;
@@ -877,82 +1072,79 @@ impl Actor {
         self.set_state(ProcessState::Backoff, pid, exit);
     }
 
-    /// A forking launcher exited 0: find the process it left behind and make it ours.
-    fn adopt_descendants(&mut self, launcher: ExitReport) {
+    /// A forking launcher exited 0 and the marker scan came back: adopt the oldest process that carries our
+    /// marker, was re-parented to us, started after the launcher, is in a group of its own (not ours) and
+    /// that no state machine owns. Every fact is checked again after the pid is claimed, because the scan is
+    /// a snapshot: a process seen before its `exec` still has our group and our environment, and one seen
+    /// alive may have exited and been reaped since.
+    fn adopt_from(&mut self, launcher: ExitReport, found: Vec<sys::ProcStat>) {
         let me = std::process::id() as i32;
         let Some(run) = self.run.as_ref() else {
             return;
         };
         let since = run.identity.start_ticks;
         let launcher_pgid = run.identity.pgid;
-        let candidates = self.orphans_since(me, since);
+        let mut candidates: Vec<sys::ProcStat> = found
+            .into_iter()
+            .filter(|p| p.ppid == me && p.start_ticks >= since && !sys::is_protected_group(p.pgrp))
+            .collect();
+        candidates.sort_by_key(|p| (p.start_ticks, p.pid));
         let mut chosen = None;
         for p in &candidates {
-            if self.ctx.reaper.claim(p.pid, self.exit_tx.clone()) {
-                chosen = Some(*p);
-                break;
+            if self.ctx.reaper.is_routed(p.pid) || !self.ctx.reaper.claim(p.pid, self.exit_tx.clone()) {
+                continue;
+            }
+            // Claimed: an exit from now on reaches us. Is it still the process the scan saw, and ours?
+            let fresh = sys::stat(p.pid).filter(|s| {
+                s.start_ticks == p.start_ticks && s.state != 'Z' && s.ppid == me && !sys::is_protected_group(s.pgrp)
+            });
+            let marked = fresh.is_some() && sys::carries_marker(p.pid, ID_ENV, &self.id, OWNER_ENV, &self.ctx.owner);
+            match fresh {
+                Some(s) if marked => {
+                    chosen = Some(s);
+                    break;
+                }
+                _ => self.ctx.reaper.release(p.pid, &self.exit_tx),
             }
         }
         let Some(main) = chosen else {
             self.on_unexpected_exit(
                 launcher,
-                Some("forking launcher exited 0 but left no process to adopt".to_owned()),
+                Some("forking launcher exited 0 but left no process carrying its marker to adopt".to_owned()),
             );
             return;
         };
-        let mut groups = vec![launcher_pgid];
+        let cmdline = sys::cmdline(main.pid).unwrap_or_default();
+        let mut identity = Identity {
+            pid: main.pid,
+            pgid: main.pgrp,
+            groups: Vec::new(),
+            group_leaders: Vec::new(),
+            start_ticks: main.start_ticks,
+            argv: cmdline.clone(),
+            cmdline,
+        };
+        if let Some(run) = self.run.as_ref() {
+            // The launcher's group keeps its recorded leader identity.
+            identity.groups.extend(run.identity.groups.iter().copied());
+            identity
+                .group_leaders
+                .extend(run.identity.group_leaders.iter().copied());
+        }
+        identity.add_group(launcher_pgid);
+        identity.add_group(main.pgrp);
         for p in &candidates {
-            if !groups.contains(&p.pgrp) {
-                groups.push(p.pgrp);
+            if let Some(s) = sys::stat(p.pid).filter(|s| s.start_ticks == p.start_ticks) {
+                identity.add_group(s.pgrp);
             }
         }
-        let cmdline = sys::cmdline(main.pid).unwrap_or_default();
         if let Some(run) = self.run.as_mut() {
-            run.identity = Identity {
-                pid: main.pid,
-                pgid: main.pgrp,
-                groups,
-                start_ticks: main.start_ticks,
-                argv: cmdline.clone(),
-                cmdline,
-            };
+            run.identity = identity;
             run.launcher = false;
-        }
-        if !sys::same_process(main.pid, main.start_ticks) {
-            self.on_unexpected_exit(
-                ExitReport {
-                    pid: main.pid,
-                    code: None,
-                    signal: None,
-                },
-                Some("the process left by the forking launcher exited at once".to_owned()),
-            );
-            return;
+            run.exit = None;
         }
         tracing::info!(id = %self.id, launcher = launcher.pid, pid = main.pid, "adopted the launcher's process");
         self.begin_readiness();
-    }
-
-    /// Live processes re-parented to us since `since` (clock ticks) that no state machine owns and that carry
-    /// our `PROCMAN_ID` marker (or, if none does, carry no marker at all), oldest first.
-    fn orphans_since(&self, me: i32, since: u64) -> Vec<sys::ProcStat> {
-        let unowned: Vec<(sys::ProcStat, Option<bool>)> = sys::all_processes()
-            .into_iter()
-            .filter(|p| p.ppid == me && p.state != 'Z' && p.start_ticks >= since && !self.ctx.reaper.is_routed(p.pid))
-            .map(|p| (p, sys::environ_has(p.pid, ID_ENV, &self.id)))
-            .collect();
-        let marked: Vec<sys::ProcStat> = unowned
-            .iter()
-            .filter(|(_, m)| *m == Some(true))
-            .map(|(p, _)| *p)
-            .collect();
-        let mut out = if marked.is_empty() {
-            unowned.iter().filter(|(_, m)| m.is_none()).map(|(p, _)| *p).collect()
-        } else {
-            marked
-        };
-        out.sort_by_key(|p| (p.start_ticks, p.pid));
-        out
     }
 
     // ----- stopping ------------------------------------------------------------------------------------------
@@ -967,6 +1159,10 @@ impl Actor {
         let leader_reused = run.exit.is_none()
             && sys::stat(id.pid).is_some_and(|s| s.start_ticks != id.start_ticks && id.start_ticks != 0);
         for g in &id.groups {
+            if !id.group_trusted(*g) {
+                tracing::warn!(id = %self.id, pgid = g, "recorded group is not ours any more; not signalling it");
+                continue;
+            }
             if leader_reused && *g == id.pid {
                 tracing::warn!(id = %self.id, pid = id.pid, "pid reused by another process; not signalling it");
                 continue;
@@ -995,6 +1191,8 @@ impl Actor {
         };
         let signal = self.def.stop_signal;
         self.signal_run(signal);
+        self.stop_clean = false;
+        self.start_scan(ScanFor::Stop);
         let now = Instant::now();
         let killed = signal == Signal::SIGKILL;
         self.stopping = Some(Stopping {
@@ -1026,15 +1224,43 @@ impl Actor {
                 st.killed = true;
                 st.give_up_at = Some(now + grace);
             }
+            // Marked processes outside the groups get their SIGKILL from the next scan.
+            self.stop_clean = false;
+            self.start_scan(ScanFor::Stop);
         }
         if leader_gone && launcher {
-            // A launcher stopped before handing over: its detached server is our orphan now; take it down too.
-            self.collect_launcher_orphans();
+            // A launcher stopped before handing over: its detached server carries the marker; the scans of the
+            // stop find it.
+            if let Some(run) = self.run.as_mut() {
+                run.launcher = false;
+            }
         }
-        let groups = self.run.as_ref().map(|r| r.identity.groups.clone()).unwrap_or_default();
-        let alive: Vec<i32> = groups.iter().copied().filter(|g| sys::group_alive(*g)).collect();
+        let alive: Vec<i32> = self
+            .run
+            .as_ref()
+            .map(|r| {
+                r.identity
+                    .groups
+                    .iter()
+                    .copied()
+                    .filter(|g| r.identity.group_trusted(*g) && sys::group_alive(*g))
+                    .collect()
+            })
+            .unwrap_or_default();
         if leader_gone && alive.is_empty() {
-            self.finish_stop();
+            // The groups are empty; the stop ends once a marker scan finds nothing left either.
+            if self.stop_clean && self.scan.is_none() {
+                self.finish_stop();
+            } else if self.scan.is_none() {
+                let due = self
+                    .stopping
+                    .as_ref()
+                    .and_then(|s| s.next_poll)
+                    .is_none_or(|t| t <= now);
+                if due {
+                    self.start_scan(ScanFor::Stop);
+                }
+            }
             return;
         }
         // The leader's exit is an event; only the rest of the group needs polling.
@@ -1057,34 +1283,11 @@ impl Actor {
         }
     }
 
-    fn collect_launcher_orphans(&mut self) {
-        let me = std::process::id() as i32;
-        let Some(run) = &self.run else {
-            return;
-        };
-        let since = run.identity.start_ticks;
-        let killed = self.stopping.as_ref().is_some_and(|s| s.killed);
-        let orphans: Vec<sys::ProcStat> = self
-            .orphans_since(me, since)
-            .into_iter()
-            .filter(|p| sys::environ_has(p.pid, ID_ENV, &self.id) == Some(true))
-            .collect();
-        if let Some(run) = self.run.as_mut() {
-            run.launcher = false;
-            for p in orphans {
-                if !run.identity.groups.contains(&p.pgrp) {
-                    run.identity.groups.push(p.pgrp);
-                }
-                let sig = if killed { Signal::SIGKILL } else { self.def.stop_signal };
-                let _ = sys::signal_group(p.pgrp, sig);
-            }
-        }
-    }
-
     fn finish_stop(&mut self) {
         let Some(st) = self.stopping.take() else {
             return;
         };
+        self.stop_clean = false;
         let run = self.run.take();
         let exit = run.as_ref().and_then(|r| r.exit);
         if let Some(r) = &run {

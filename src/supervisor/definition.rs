@@ -24,6 +24,131 @@ pub const DEFAULT_PYTHON: &str = "python3";
 /// daemon they spawn, which lets the supervisor tell whose orphan a re-parented process is.
 pub const ID_ENV: &str = "PROCMAN_ID";
 
+/// The environment variable every child gets, naming the supervisor that owns it (its state directory). The
+/// `/proc` scans (stop, forking launchers, re-adoption) only touch processes carrying both variables.
+pub const OWNER_ENV: &str = "PROCMAN_SUPERVISOR";
+
+/// `cgse` sub-commands a client may never name, whatever the entry points say: the core services, the
+/// registry, administration and the CLI's own commands. Only device launchers may be run for a client.
+pub const NEVER_LAUNCHERS: &[&str] = &[
+    "core", "reg", "log", "nh", "cm", "sm", "pm", "mh", "admin", "init", "show", "top", "check", "clock", "version",
+    "explore", "dev-x",
+];
+
+/// Longest client-supplied device id or argument.
+pub const MAX_CLIENT_TOKEN: usize = 128;
+
+/// Most `device_args` a client may send.
+pub const MAX_CLIENT_ARGS: usize = 32;
+
+/// The device launchers a client's `cgse_cmd` may name: `<program> <sub-command>`, where the sub-command is a
+/// registered `cgse.service.device_command` entry point of the configured Python (what the PM GUI derives
+/// its `cgse_cmd` from) or listed in the table's `device_commands`, and never one of [`NEVER_LAUNCHERS`] or
+/// a name another `cgse` command group registers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Launchers {
+    /// Permitted sub-commands.
+    pub permitted: std::collections::BTreeSet<String>,
+    /// Where they came from, for error messages.
+    pub source: String,
+    /// The `PATH` the launcher program is resolved with; `None`: the daemon's.
+    pub search_path: Option<String>,
+}
+
+impl Launchers {
+    /// The table's explicit list plus the entry points (`device`), minus every name in `other` (the
+    /// entry points of the other `cgse` command groups) and in [`NEVER_LAUNCHERS`].
+    pub fn new(table: &[String], device: &[String], other: &[String], source: String) -> Launchers {
+        let permitted = table
+            .iter()
+            .chain(device)
+            .filter(|n| is_plain_token(n) && !NEVER_LAUNCHERS.contains(&n.as_str()) && !other.contains(n))
+            .cloned()
+            .collect();
+        Launchers {
+            permitted,
+            source,
+            search_path: None,
+        }
+    }
+}
+
+fn is_plain_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_CLIENT_TOKEN
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '@' | '+' | ','))
+}
+
+/// Validates one client-supplied device argument: at most [`MAX_CLIENT_TOKEN`] characters of
+/// `A-Z a-z 0-9 _ - . : @ + ,`, not starting with `-` (no option injection into a launcher).
+///
+/// # Errors
+/// [`CommandError::BadArgument`] naming the argument.
+pub fn validate_client_arg(arg: &str) -> Result<(), CommandError> {
+    if is_plain_token(arg) {
+        Ok(())
+    } else {
+        Err(CommandError::BadArgument {
+            argument: arg.chars().take(MAX_CLIENT_TOKEN + 8).collect(),
+        })
+    }
+}
+
+/// Validates a device id a client wants a new definition for: the same rule as [`validate_client_arg`].
+///
+/// # Errors
+/// [`CommandError::BadArgument`].
+pub fn validate_client_id(id: &str) -> Result<(), CommandError> {
+    validate_client_arg(id)
+}
+
+/// Resolves a bare program name to an absolute path through `path` (a `PATH` value), skipping empty and
+/// relative elements (an empty element would mean the daemon's working directory). A name with a `/` is
+/// returned as it is. `None` for `path` searches `/usr/local/bin:/usr/bin:/bin`.
+///
+/// # Errors
+/// A message naming the program and the directories searched.
+pub fn resolve_program_in(program: &str, path: Option<&str>) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    if program.is_empty() {
+        return Err("empty program name".into());
+    }
+    let path = path.unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    let dirs: Vec<&str> = path.split(':').filter(|d| d.starts_with('/')).collect();
+    for dir in &dirs {
+        let candidate = Path::new(dir).join(program);
+        if let Ok(m) = std::fs::metadata(&candidate) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(format!(
+        "{program:?} not found in the absolute PATH directories [{}] (empty and relative PATH elements are ignored)",
+        dirs.join(", ")
+    ))
+}
+
+/// [`resolve_program_in`] with the `PATH` the child will have: the definition's `env.PATH`, else the
+/// daemon's (when the environment is inherited).
+///
+/// # Errors
+/// As [`resolve_program_in`].
+pub fn resolve_program(program: &str, def: &ProcessDefinition) -> Result<PathBuf, String> {
+    let own = std::env::var("PATH").ok();
+    let path = match def.env.get("PATH") {
+        Some(p) => Some(p.as_str()),
+        None if def.inherit_env => own.as_deref(),
+        None => None,
+    };
+    resolve_program_in(program, path)
+}
+
 /// When an exited process is started again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -113,6 +238,14 @@ pub enum PingTarget {
         /// Registry service type, e.g. `DUMMY_01` or `SM_CS`.
         service_type: String,
     },
+    /// A TCP connection accepted on `host:port`, for services that do not answer a CGSE `Ping` (the Service
+    /// Registry).
+    Tcp {
+        /// Host name or address (default `127.0.0.1`).
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
 }
 
 /// How `STARTING` becomes `RUNNING`: a ping answered within `timeout`, retried every `interval`.
@@ -168,6 +301,9 @@ pub struct ProcessDefinition {
     pub autostart: bool,
     /// CGSE registry service type (core services, e.g. `SM_CS`).
     pub service_type: Option<String>,
+    /// Ids of the processes that must be `RUNNING` (hence ready) before this one starts.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
 }
 
 impl ProcessDefinition {
@@ -191,6 +327,7 @@ impl ProcessDefinition {
             simulator: false,
             autostart: false,
             service_type: None,
+            depends_on: Vec::new(),
         }
     }
 
@@ -274,6 +411,7 @@ pub struct ProcessTable {
     origin: String,
     python: String,
     allowed_programs: Vec<String>,
+    device_commands: Vec<String>,
     defaults: RawDefinition,
     core_services: Vec<(String, RawDefinition)>,
     device_classes: BTreeMap<String, RawDefinition>,
@@ -310,6 +448,7 @@ impl ProcessTable {
             origin: origin.to_owned(),
             python: raw.python.unwrap_or_else(|| DEFAULT_PYTHON.to_owned()),
             allowed_programs: raw.allowed_programs.unwrap_or_default(),
+            device_commands: raw.device_commands.unwrap_or_default(),
             defaults: raw.defaults.unwrap_or_default(),
             core_services: raw.core_services.map(|m| m.0).unwrap_or_default(),
             device_classes: raw.device_classes.unwrap_or_default(),
@@ -322,6 +461,11 @@ impl ProcessTable {
     /// The allow-list for client-supplied `cgse_cmd` programs.
     pub fn allowed_programs(&self) -> &[String] {
         &self.allowed_programs
+    }
+
+    /// Device launchers (`cgse <name>`) a client may name besides the configured Python's entry points.
+    pub fn device_commands(&self) -> &[String] {
+        &self.device_commands
     }
 
     /// The interpreter substituted for `{python}`.
@@ -407,17 +551,11 @@ impl ProcessTable {
         cgse_cmd: &str,
         device_args: &[String],
         simulator: bool,
+        launchers: &Launchers,
     ) -> Result<ProcessDefinition, DefinitionError> {
-        let mut argv = validate_cgse_cmd(cgse_cmd, &self.allowed_programs)?;
+        let mut argv = self.launcher_argv(cgse_cmd, device_args, launchers)?;
         argv.push("start".to_owned());
         if let Some(arg0) = device_args.first() {
-            if let Some(c) = arg0.chars().find(|c| is_metacharacter(*c) || c.is_whitespace()) {
-                return Err(CommandError::Metacharacter {
-                    command: arg0.clone(),
-                    character: c,
-                }
-                .into());
-            }
             argv.push(arg0.clone());
         }
         let mut merged = self.defaults.clone();
@@ -433,6 +571,45 @@ impl ProcessTable {
         let mut def = merged.build_literal(device_id, &self.origin, "legacy", &ctx)?;
         def.simulator = simulator;
         Ok(def)
+    }
+
+    /// Validates a client's launcher request the same way on every path (start, stop, status): `cgse_cmd`
+    /// is `<allowed program> <permitted launcher>` and every device argument is a plain token; the device
+    /// id must be one too. Returns the launcher's argv, its program resolved to an absolute path through the
+    /// daemon's `PATH` without empty or relative elements.
+    ///
+    /// # Errors
+    /// [`DefinitionError::Command`] naming what was refused.
+    pub fn launcher_argv(
+        &self,
+        cgse_cmd: &str,
+        device_args: &[String],
+        launchers: &Launchers,
+    ) -> Result<Vec<String>, DefinitionError> {
+        let mut argv = self.check_launcher(cgse_cmd, device_args, launchers)?;
+        let path = launchers.search_path.clone().or_else(|| std::env::var("PATH").ok());
+        let program = resolve_program_in(&argv[0], path.as_deref()).map_err(|message| CommandError::NotFound {
+            program: argv[0].clone(),
+            message,
+        })?;
+        argv[0] = program.display().to_string();
+        Ok(argv)
+    }
+
+    /// The checks of [`ProcessTable::launcher_argv`] without resolving the program (which only matters where
+    /// the launcher is run): the words of `cgse_cmd`.
+    ///
+    /// # Errors
+    /// [`DefinitionError::Command`] naming what was refused.
+    pub fn check_launcher(
+        &self,
+        cgse_cmd: &str,
+        device_args: &[String],
+        launchers: &Launchers,
+    ) -> Result<Vec<String>, DefinitionError> {
+        let argv = validate_launcher(cgse_cmd, &self.allowed_programs, launchers)?;
+        validate_client_args(device_args)?;
+        Ok(argv)
     }
 
     /// Validates every entry as far as possible without a device (templates, signals, durations, readiness).
@@ -457,6 +634,17 @@ impl ProcessTable {
                 ));
             }
         }
+        for d in &self.device_commands {
+            if !is_plain_token(d) || NEVER_LAUNCHERS.contains(&d.as_str()) {
+                return Err(bad(
+                    "device_commands".into(),
+                    format!(
+                        "{d:?} is not a device launcher a client may run (never: {})",
+                        NEVER_LAUNCHERS.join(", ")
+                    ),
+                ));
+            }
+        }
         let entries = std::iter::once(("defaults".to_owned(), &self.defaults, true))
             .chain(
                 self.core_services
@@ -478,7 +666,69 @@ impl ProcessTable {
         }
         // Core services must be complete: they are started without any device information.
         self.core_definitions()?;
+        self.check_dependencies()?;
         Ok(())
+    }
+
+    /// `depends_on`: not in `defaults` (every process would depend on it, itself included); class entries
+    /// name known ids; the core services and `devices` entries form a graph without cycles.
+    fn check_dependencies(&self) -> Result<(), DefinitionError> {
+        if self.defaults.depends_on.is_some() {
+            return Err(DefinitionError::Invalid {
+                origin: self.origin.clone(),
+                key: "defaults.depends_on".to_owned(),
+                message: "not allowed in defaults (give it per entry)".to_owned(),
+            });
+        }
+        let nodes = self.dependency_nodes()?;
+        for (class, raw) in &self.device_classes {
+            for d in raw.depends_on.iter().flatten() {
+                if !nodes.iter().any(|(id, _)| id == d) {
+                    return Err(DefinitionError::Invalid {
+                        origin: self.origin.clone(),
+                        key: format!("device_classes.{class}.depends_on"),
+                        message: format!("{d} is not defined (core services and `devices` entries are)"),
+                    });
+                }
+            }
+        }
+        self.dependency_graph().map(|_| ())
+    }
+
+    /// The file or text the table came from, for messages.
+    pub(crate) fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The key of a process's entry in the file, for messages: `core_services.X` or `devices.X`.
+    pub(crate) fn entry_key(&self, id: &str) -> String {
+        if self.core_services.iter().any(|(n, _)| n == id) {
+            format!("core_services.{id}")
+        } else {
+            format!("devices.{id}")
+        }
+    }
+
+    /// `(id, depends_on)` of the core services (table order), then of the `devices` entries, each layered over
+    /// `defaults` (a device's class entry is only known with the Setup; its own entry is used).
+    pub(crate) fn dependency_nodes(&self) -> Result<Vec<(String, Vec<String>)>, DefinitionError> {
+        let mut nodes = Vec::new();
+        for (id, raw) in self
+            .core_services
+            .iter()
+            .map(|(k, v)| (k, v))
+            .chain(self.devices.iter())
+        {
+            if nodes.iter().any(|(n, _): &(String, Vec<String>)| n == id) {
+                return Err(DefinitionError::Invalid {
+                    origin: self.origin.clone(),
+                    key: format!("devices.{id}"),
+                    message: "a core service has the same id".to_owned(),
+                });
+            }
+            nodes.push((id.clone(), raw.depends_on.clone().unwrap_or_default()));
+        }
+        Ok(nodes)
     }
 }
 
@@ -544,6 +794,38 @@ pub fn validate_cgse_cmd(cmd: &str, allowed: &[String]) -> Result<Vec<String>, C
     Ok(words)
 }
 
+/// Validates a client's `device_args`: at most [`MAX_CLIENT_ARGS`], each per [`validate_client_arg`].
+///
+/// # Errors
+/// [`CommandError::BadArgument`] or [`CommandError::TooManyArguments`].
+pub fn validate_client_args(args: &[String]) -> Result<(), CommandError> {
+    if args.len() > MAX_CLIENT_ARGS {
+        return Err(CommandError::TooManyArguments {
+            count: args.len(),
+            max: MAX_CLIENT_ARGS,
+        });
+    }
+    args.iter().try_for_each(|a| validate_client_arg(a))
+}
+
+/// Validates a client's `cgse_cmd` as a device launcher: [`validate_cgse_cmd`] (no shell metacharacter, an
+/// allowed program), then exactly one more word, a permitted launcher of `launchers`.
+///
+/// # Errors
+/// [`CommandError`], naming the permitted launchers when the sub-command is refused.
+pub fn validate_launcher(cmd: &str, allowed: &[String], launchers: &Launchers) -> Result<Vec<String>, CommandError> {
+    let words = validate_cgse_cmd(cmd, allowed)?;
+    let refused = || CommandError::NotALauncher {
+        command: cmd.to_owned(),
+        permitted: launchers.permitted.iter().cloned().collect(),
+        source_: launchers.source.clone(),
+    };
+    match words.as_slice() {
+        [_, sub] if launchers.permitted.contains(sub) && !NEVER_LAUNCHERS.contains(&sub.as_str()) => Ok(words),
+        _ => Err(refused()),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The YAML side: partial entries, layered and then built.
 
@@ -552,6 +834,7 @@ pub fn validate_cgse_cmd(cmd: &str, allowed: &[String]) -> Result<Vec<String>, C
 struct RawTable {
     python: Option<String>,
     allowed_programs: Option<Vec<String>>,
+    device_commands: Option<Vec<String>>,
     defaults: Option<RawDefinition>,
     core_services: Option<OrderedMap<RawDefinition>>,
     device_classes: Option<BTreeMap<String, RawDefinition>>,
@@ -644,8 +927,16 @@ struct RawPing {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawTcp {
+    port: u16,
+    host: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawReadiness {
-    ping: RawPing,
+    ping: Option<RawPing>,
+    tcp: Option<RawTcp>,
     timeout: Option<f64>,
     interval: Option<f64>,
 }
@@ -669,6 +960,7 @@ struct RawDefinition {
     sim_args: Option<Vec<String>>,
     autostart: Option<bool>,
     service_type: Option<String>,
+    depends_on: Option<Vec<String>>,
 }
 
 macro_rules! take {
@@ -692,7 +984,8 @@ impl RawDefinition {
             forking,
             sim_args,
             autostart,
-            service_type
+            service_type,
+            depends_on
         );
         if let Some(env) = &top.env {
             let mine = self.env.get_or_insert_with(BTreeMap::new);
@@ -805,32 +1098,19 @@ impl RawDefinition {
         }
         def.stop_timeout = secs("stop_timeout", self.stop_timeout, def.stop_timeout)?;
         if let Some(r) = &self.readiness {
-            let ping = match (&r.ping.endpoint, r.ping.registry.unwrap_or(false)) {
-                (Some(ep), false) => {
-                    PingTarget::Endpoint(ctx.expand_str(ep).map_err(|m| bad("readiness.ping.endpoint", m))?)
-                }
-                (None, true) => {
-                    let st = match &r.ping.service_type {
-                        Some(st) => ctx.expand_str(st).map_err(|m| bad("readiness.ping.service_type", m))?,
-                        None => match (ctx.device, &self.service_type) {
-                            (_, Some(st)) => st.clone(),
-                            (Some(d), None) => d.device_id.to_uppercase(),
-                            (None, None) => {
-                                return Err(bad(
-                                    "readiness.ping",
-                                    "registry: true needs a service_type (or a device id)".into(),
-                                ))
-                            }
-                        },
+            let ping = match (&r.ping, &r.tcp) {
+                (None, Some(t)) => {
+                    let host = match &t.host {
+                        Some(h) => ctx.expand_str(h).map_err(|m| bad("readiness.tcp.host", m))?,
+                        None => "127.0.0.1".to_owned(),
                     };
-                    PingTarget::Registry { service_type: st }
+                    if host.trim().is_empty() || t.port == 0 {
+                        return Err(bad("readiness.tcp", "needs a non-empty host and a port > 0".into()));
+                    }
+                    PingTarget::Tcp { host, port: t.port }
                 }
-                _ => {
-                    return Err(bad(
-                        "readiness.ping",
-                        "give exactly one of `endpoint` or `registry: true`".into(),
-                    ))
-                }
+                (Some(p), None) => self.ping_target(p, ctx, &bad)?,
+                _ => return Err(bad("readiness", "give exactly one of `ping` or `tcp`".into())),
             };
             def.readiness = Some(Readiness {
                 ping,
@@ -838,6 +1118,7 @@ impl RawDefinition {
                 interval: secs("readiness.interval", r.interval, Duration::from_millis(500))?,
             });
         }
+        def.depends_on = self.depends_on.clone().unwrap_or_default();
         def.python_unbuffered = self.python_unbuffered.unwrap_or(def.python_unbuffered);
         def.forking = self.forking.unwrap_or(def.forking);
         def.autostart = self.autostart.unwrap_or(def.autostart);
@@ -851,6 +1132,40 @@ impl RawDefinition {
             other => other,
         })?;
         Ok(def)
+    }
+
+    /// The `ping` readiness target: a fixed endpoint, or the registry under a service type.
+    fn ping_target(
+        &self,
+        ping: &RawPing,
+        ctx: &Templates<'_>,
+        bad: &dyn Fn(&str, String) -> DefinitionError,
+    ) -> Result<PingTarget, DefinitionError> {
+        match (&ping.endpoint, ping.registry.unwrap_or(false)) {
+            (Some(ep), false) => Ok(PingTarget::Endpoint(
+                ctx.expand_str(ep).map_err(|m| bad("readiness.ping.endpoint", m))?,
+            )),
+            (None, true) => {
+                let st = match &ping.service_type {
+                    Some(st) => ctx.expand_str(st).map_err(|m| bad("readiness.ping.service_type", m))?,
+                    None => match (ctx.device, &self.service_type) {
+                        (_, Some(st)) => st.clone(),
+                        (Some(d), None) => d.device_id.to_uppercase(),
+                        (None, None) => {
+                            return Err(bad(
+                                "readiness.ping",
+                                "registry: true needs a service_type (or a device id)".into(),
+                            ))
+                        }
+                    },
+                };
+                Ok(PingTarget::Registry { service_type: st })
+            }
+            _ => Err(bad(
+                "readiness.ping",
+                "give exactly one of `endpoint` or `registry: true`".into(),
+            )),
+        }
     }
 }
 
@@ -1123,13 +1438,39 @@ devices:
     #[test]
     fn legacy_definition_is_forking_and_literal() {
         let t = ProcessTable::from_yaml(TABLE, "t").unwrap();
+        let mut l = Launchers::new(&["puna".into(), "core".into()], &[], &[], "test".into());
+        // `cgse` must resolve: give it a directory holding one.
+        let dir = std::env::temp_dir().join(format!("procman-legacy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cgse = dir.join("cgse");
+        std::fs::write(&cgse, "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cgse, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let resolved = resolve_program_in("cgse", Some(&format!("::.:{}", dir.display()))).unwrap();
+        assert_eq!(resolved, cgse);
+        assert!(resolve_program_in("cgse", Some("::.:relative")).is_err());
+        l.search_path = Some(format!(":relative:{}", dir.display()));
         let d = t
-            .legacy_definition("PUNA_01", "cgse puna", &["PUNA_01".into()], true)
+            .legacy_definition("PUNA_01", "cgse puna", &["PUNA_01".into()], true, &l)
             .unwrap();
         assert!(d.forking);
-        assert_eq!(d.effective_argv(), ["cgse", "puna", "start", "PUNA_01", "--sim"]);
-        assert!(t.legacy_definition("P", "cgse puna", &["a;b".into()], false).is_err());
-        assert!(t.legacy_definition("P", "bash puna", &[], false).is_err());
+        let cg = cgse.display().to_string();
+        assert_eq!(d.effective_argv(), [cg.as_str(), "puna", "start", "PUNA_01", "--sim"]);
+        assert!(t
+            .legacy_definition("P", "cgse puna", &["a;b".into()], false, &l)
+            .is_err());
+        assert!(t
+            .legacy_definition("P", "cgse puna", &["--help".into()], false, &l)
+            .is_err());
+        assert!(t.legacy_definition("P", "bash puna", &[], false, &l).is_err());
+        assert!(
+            t.legacy_definition("P", "cgse core", &[], false, &l).is_err(),
+            "core is never a launcher"
+        );
+        assert!(t.legacy_definition("P", "cgse reg", &[], false, &l).is_err());
+        assert!(t.legacy_definition("P", "cgse puna extra", &[], false, &l).is_err());
+        assert!(t.legacy_definition("P", "cgse", &[], false, &l).is_err());
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -64,6 +64,38 @@ pub enum CommandError {
         /// The first offending character.
         character: char,
     },
+    /// The sub-command is not a device launcher a client may run.
+    #[error("refused command {command:?}: a client may only name a device launcher `cgse <name>`; permitted names ({source_}): [{}]", permitted.join(", "))]
+    NotALauncher {
+        /// The refused string.
+        command: String,
+        /// The permitted launcher names.
+        permitted: Vec<String>,
+        /// Where the list came from.
+        source_: String,
+    },
+    /// A device id or argument is not a plain token.
+    #[error("refused argument {argument:?}: device ids and arguments must be 1-128 characters of A-Z a-z 0-9 _ - . : @ + , and not start with '-'")]
+    BadArgument {
+        /// The refused argument (truncated).
+        argument: String,
+    },
+    /// Too many device arguments.
+    #[error("refused: {count} device arguments, at most {max}")]
+    TooManyArguments {
+        /// How many were sent.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The launcher program cannot be found safely.
+    #[error("cannot run {program:?}: {message}")]
+    NotFound {
+        /// The program name.
+        program: String,
+        /// Why.
+        message: String,
+    },
     /// The program is not on the allow-list.
     #[error("refused command {command:?}: program {program:?} is not allowed (allowed programs: {})", allowed.join(", "))]
     NotAllowed {
@@ -103,6 +135,17 @@ pub enum SupervisorError {
     /// `Supervisor::spawn` was called outside a tokio runtime.
     #[error("the supervisor must be started inside a tokio runtime")]
     NoRuntime,
+    /// A limit was reached (e.g. the number of client-created definitions).
+    #[error("limit reached: {0}")]
+    Limit(String),
+    /// A helper process failed (e.g. listing the configured Python's entry points).
+    #[error("helper {program}: {message}")]
+    Helper {
+        /// The helper program.
+        program: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The supervisor is shutting down or its task is gone.
     #[error("the supervisor is shut down")]
     Closed,

@@ -288,11 +288,7 @@ async fn write_batch(
         let (f, size) = match file {
             Some(open) => open,
             None => {
-                let f = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .await?;
+                let f = open_log(path, false).await?;
                 let size = f.metadata().await?.len();
                 file.insert((f, size))
             }
@@ -327,6 +323,49 @@ async fn write_batch(
     Ok(())
 }
 
+/// Opens a log file for appending (or truncates it) without following a symlink (`O_NOFOLLOW`), and only
+/// when it is a regular file owned by us: a link or a file planted in a shared log directory cannot make the
+/// daemon write elsewhere. New files are created mode 0640.
+pub(crate) async fn open_log(path: &Path, truncate: bool) -> io::Result<tokio::fs::File> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || open_owned_file(&path, truncate))
+        .await
+        .map_err(io::Error::other)?
+        .map(tokio::fs::File::from_std)
+}
+
+/// The blocking part of [`open_log`]; also used for the housekeeping CSV files.
+pub fn open_owned_file(path: &Path, truncate: bool) -> io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut opts = OpenOptions::new();
+    opts.create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC);
+    if truncate {
+        opts.write(true).truncate(true);
+    } else {
+        opts.append(true);
+    }
+    let f = opts.open(path)?;
+    let m = f.metadata()?;
+    if !m.file_type().is_file() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file; not written",
+            path.display()
+        )));
+    }
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Err(io::Error::other(format!(
+            "{} belongs to uid {}, not to us ({me}); not written",
+            path.display(),
+            m.uid()
+        )));
+    }
+    Ok(f)
+}
+
 /// `name.log` → `name.log.1` → … → `name.log.<backups>` (the oldest is overwritten); 0 backups truncates.
 async fn rotate(path: &Path, backups: u32) -> io::Result<()> {
     let numbered = |i: u32| {
@@ -335,11 +374,7 @@ async fn rotate(path: &Path, backups: u32) -> io::Result<()> {
         PathBuf::from(s)
     };
     if backups == 0 {
-        tokio::fs::OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(path)
-            .await?;
+        open_log(path, true).await?;
         return Ok(());
     }
     for i in (1..backups).rev() {

@@ -20,11 +20,17 @@
 //!   (cleared only by an operator start); operator stops never count as failures.
 //! * **Legacy forking launchers** (`forking: true`, e.g. `cgse puna start`): the launcher exits 0 after
 //!   starting the real control server detached. Being the subreaper, we inherit that server; when the launcher
-//!   exits 0 we scan `/proc` for processes whose parent is now us, that no state machine owns, that started
-//!   after the launcher and that carry our `PROCMAN_ID=<id>` marker in their environment (inherited from the
-//!   launcher), and adopt the oldest as the process, keeping every group involved for the stop. Limits: a
-//!   server that clears its environment is attributed by timing alone; one that double-forks through an
-//!   intermediate which does not exit, or moves itself out of our session's reach, is not found.
+//!   exits 0 we scan `/proc` (on the blocking pool) for processes whose parent is now us, that no state machine
+//!   owns, that started after the launcher, that are not in our own group and that carry our markers
+//!   (`PROCMAN_ID=<id>`, `PROCMAN_SUPERVISOR=<state dir>`, inherited from the launcher), and adopt the oldest
+//!   once its pid is claimed and every fact re-checked, keeping every group involved for the stop. Limits: a
+//!   server that clears its environment is not adopted; one that double-forks through an intermediate which
+//!   does not exit is not found.
+//! * **Never ourselves** ([`sys::signal_group`]): the daemon's own group, pid and session are never
+//!   signalled; recorded groups keep their leader's start time and are dropped once it names another
+//!   process; a stop also signals every marked process outside the groups (e.g. after `setsid()`).
+//! * **Client definitions** ([`SupervisorHandle::define_client`]) are capped and removed when their process
+//!   ends (docs/security-supervisor.md).
 //! * **Persistence** ([`state`]): every transition rewrites `<state_dir>/supervisor.json` atomically. A new
 //!   supervisor re-adopts processes whose pid, start time and command line all match and watches them with
 //!   the reaper (if they were re-parented to us) or a `pidfd` (otherwise; exit status then unknown).
@@ -35,7 +41,11 @@
 pub mod actor;
 pub mod definition;
 pub mod error;
+pub mod gate;
+pub mod graph;
+pub mod helper;
 pub mod logs;
+pub mod readiness;
 pub mod reaper;
 pub mod record;
 pub mod state;
@@ -46,17 +56,20 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use definition::{
-    class_path, validate_cgse_cmd, Backoff, CrashLoop, DeviceSpec, PingTarget, ProcessDefinition, ProcessTable,
-    Readiness, RestartPolicy, DEFAULT_PYTHON, ID_ENV,
+    class_path, resolve_program, validate_cgse_cmd, validate_client_arg, validate_client_id, Backoff, CrashLoop,
+    DeviceSpec, Launchers, PingTarget, ProcessDefinition, ProcessTable, Readiness, RestartPolicy, DEFAULT_PYTHON,
+    ID_ENV, OWNER_ENV,
 };
 pub use error::{CommandError, DefinitionError, SupervisorError};
+pub use gate::{RestartHook, RESTART_HOOK_BOUND};
+pub use graph::{DependencyGraph, GraphError};
 pub use logs::LogConfig;
 pub use record::{Change, DefinitionSummary, Desired, EventKind, Plan, ProcessEvent, ProcessRecord, ProcessState};
 pub use state::STATE_FILE;
@@ -85,6 +98,8 @@ pub struct SupervisorConfig {
     pub group_poll_interval: Duration,
     /// After SIGKILL, how long before reporting survivors in `last_error` (the stop keeps waiting).
     pub kill_grace: Duration,
+    /// Most client-created definitions ([`SupervisorHandle::define_client`]) at a time.
+    pub max_client_processes: usize,
 }
 
 impl SupervisorConfig {
@@ -96,6 +111,7 @@ impl SupervisorConfig {
             log: LogConfig::default(),
             group_poll_interval: Duration::from_millis(5),
             kill_grace: Duration::from_secs(5),
+            max_client_processes: 64,
         }
     }
 }
@@ -109,11 +125,6 @@ pub fn install_reaper() -> Result<(), SupervisorError> {
     reaper::global().map(|_| ())
 }
 
-/// Orphaned descendants reaped by this process so far (0 before the reaper is installed).
-pub fn orphans_reaped() -> u64 {
-    reaper::global().map(|r| r.orphans_reaped()).unwrap_or(0)
-}
-
 /// One row of the status table.
 pub(crate) struct Slot {
     pub record: ProcessRecord,
@@ -122,6 +133,8 @@ pub(crate) struct Slot {
     pub sink: Arc<LogSink>,
     pub tx: mpsc::UnboundedSender<ActorCmd>,
     pub removing: bool,
+    /// Created by a client: removed when its process ends, counted against the cap.
+    pub transient: bool,
 }
 
 /// The snapshot table and the event sequence, under one lock so that `list()` and the event stream agree.
@@ -130,6 +143,8 @@ pub(crate) struct Table {
     pub seq: u64,
     pub dropped_events: u64,
     pub events: mpsc::Sender<ProcessEvent>,
+    /// The last event's `seq`, for waits on other processes' states ([`gate`]).
+    pub changed: watch::Sender<u64>,
 }
 
 impl Table {
@@ -144,6 +159,7 @@ impl Table {
         if self.events.try_send(event).is_err() {
             self.dropped_events += 1;
         }
+        self.changed.send_replace(self.seq);
     }
 }
 
@@ -153,8 +169,12 @@ pub(crate) struct Ctx {
     pub table: Mutex<Table>,
     pub reaper: &'static reaper::Reaper,
     pub probe: Option<Arc<dyn ReadinessProbe>>,
+    pub restart_hook: OnceLock<Arc<dyn RestartHook>>,
     pub persister: Arc<Persister>,
     pub fifo_dir: PathBuf,
+    /// The value of [`OWNER_ENV`] in every child: this supervisor's state directory. With [`ID_ENV`] it marks
+    /// our processes, and only ours, for the `/proc` scans (another daemon's have another directory).
+    pub owner: String,
     rng: Mutex<u64>,
     closing: AtomicBool,
     apply_lock: tokio::sync::Mutex<()>,
@@ -185,6 +205,7 @@ impl Ctx {
                 .slots
                 .iter()
                 .map(|s| SavedProcess {
+                    transient: s.transient,
                     definition: (*s.def).clone(),
                     desired: s.record.desired,
                     state: s.record.state,
@@ -209,7 +230,12 @@ impl Ctx {
     }
 
     /// Creates the log capture, the table row and the state machine of one process.
-    fn add_process(self: &Arc<Self>, def: ProcessDefinition, initial: Initial) -> Result<(), SupervisorError> {
+    fn add_process(
+        self: &Arc<Self>,
+        def: ProcessDefinition,
+        initial: Initial,
+        transient: bool,
+    ) -> Result<(), SupervisorError> {
         let stem = logs::file_stem(&def.id);
         let sink = Arc::new(LogSink::open(
             &stem,
@@ -227,6 +253,7 @@ impl Ctx {
             sink: sink.clone(),
             tx,
             removing: false,
+            transient,
         });
         let actor = actor::Actor::new(self.clone(), def, sink, rx);
         tokio::spawn(actor.run(initial));
@@ -267,21 +294,34 @@ impl Supervisor {
             }
         };
 
+        let owner = std::fs::canonicalize(&config.state_dir)
+            .unwrap_or_else(|_| config.state_dir.clone())
+            .display()
+            .to_string();
         // What each process starts as: adopted, lost, restored, or fresh.
-        let mut plan: Vec<(ProcessDefinition, Initial)> = Vec::new();
+        let mut plan: Vec<(ProcessDefinition, Initial, bool)> = Vec::new();
         let wanted: HashSet<&str> = definitions.iter().map(|d| d.id.as_str()).collect();
         for def in &definitions {
             let initial = match saved.iter().find(|s| s.definition.id == def.id) {
-                Some(s) => recover(s),
+                Some(s) => recover(s, &owner),
                 None => Initial::Fresh,
             };
-            plan.push((def.clone(), initial));
+            plan.push((def.clone(), initial, false));
         }
-        // Processes defined only in the state file (devices a client started, Setup devices) are kept:
-        // re-adopted when alive, else reported EXITED and restarted per their desired state and policy.
-        // `reload` is how an operator forgets the ones no longer wanted.
+        // Processes defined only in the state file (Setup devices, client-created ones) are kept: re-adopted
+        // when alive, else reported EXITED and restarted per their desired state and policy. A client-created
+        // definition lives only as long as its process: kept only when re-adopted, and within the cap.
+        let mut clients = 0usize;
         for s in saved.iter().filter(|s| !wanted.contains(s.definition.id.as_str())) {
-            plan.push((s.definition.clone(), recover(s)));
+            let initial = recover(s, &owner);
+            if s.transient {
+                if !matches!(initial, Initial::Adopt { .. }) || clients >= config.max_client_processes {
+                    tracing::info!(id = %s.definition.id, "forgetting a client-created definition whose process is gone");
+                    continue;
+                }
+                clients += 1;
+            }
+            plan.push((s.definition.clone(), initial, s.transient));
         }
 
         let seed = (unix_now().to_bits() ^ u64::from(std::process::id()).rotate_left(32)) | 1;
@@ -292,11 +332,14 @@ impl Supervisor {
                 seq: 0,
                 dropped_events: 0,
                 events,
+                changed: watch::channel(0).0,
             }),
             reaper,
             probe: readiness,
+            restart_hook: OnceLock::new(),
             persister: Persister::new(state_path),
             fifo_dir,
+            owner,
             rng: Mutex::new(seed),
             closing: AtomicBool::new(false),
             apply_lock: tokio::sync::Mutex::new(()),
@@ -308,8 +351,8 @@ impl Supervisor {
                 .clone()
                 .run(move || writer_ctx.snapshot(), ctx.stop_writer.clone()),
         );
-        for (def, initial) in plan {
-            ctx.add_process(def, initial)?;
+        for (def, initial, transient) in plan {
+            ctx.add_process(def, initial, transient)?;
         }
         ctx.persister.dirty();
         Ok(SupervisorHandle { ctx })
@@ -341,16 +384,23 @@ fn check_unique(defs: &[ProcessDefinition]) -> Result<(), SupervisorError> {
     Ok(())
 }
 
-/// Decides how a saved process comes back.
-fn recover(s: &SavedProcess) -> Initial {
+/// Decides how a saved process comes back. Only a process that carries our marker for its id is adopted,
+/// and only with the groups that match it (see [`Identity::verify_groups`]).
+fn recover(s: &SavedProcess, owner: &str) -> Initial {
+    let id = s.definition.id.as_str();
+    let marker = |pid: i32| sys::carries_marker(pid, ID_ENV, id, OWNER_ENV, owner);
     match &s.process {
-        Some(identity) => match state::recognize(identity) {
-            Recognized::Alive => Initial::Adopt {
-                identity: identity.clone(),
-                start_time: s.start_time,
-                restarts: s.restarts,
-                desired: s.desired,
-            },
+        Some(identity) => match state::recognize(identity, marker) {
+            Recognized::Alive => {
+                let mut identity = identity.clone();
+                identity.verify_groups(marker);
+                Initial::Adopt {
+                    identity,
+                    start_time: s.start_time,
+                    restarts: s.restarts,
+                    desired: s.desired,
+                }
+            }
             Recognized::Gone => Initial::Lost {
                 reason: format!(
                     "pid {} was not running after the supervisor restarted (exit status unknown)",
@@ -472,6 +522,27 @@ impl SupervisorHandle {
         Ok(sink.tail(n))
     }
 
+    /// Installs the hook run before a CGSE service (a process with a `service_type`) is restarted; only the
+    /// first call takes effect.
+    pub fn set_restart_hook(&self, hook: Arc<dyn RestartHook>) {
+        let _ = self.ctx.restart_hook.set(hook);
+    }
+
+    /// The order in which to stop the defined processes: layers, dependents first (reverse `depends_on`);
+    /// the ids of one layer can stop in parallel. Dependencies on undefined ids are ignored; should the live
+    /// definitions form a cycle (they can only through separate `define` calls), everything is one layer.
+    pub fn stop_order(&self) -> Vec<Vec<String>> {
+        let table = self.ctx.table();
+        let live: Vec<&ProcessDefinition> = table.slots.iter().filter(|s| !s.removing).map(|s| &*s.def).collect();
+        match DependencyGraph::of_definitions(live.iter().copied()) {
+            Ok(g) => g.stop_order(),
+            Err(e) => {
+                tracing::warn!(error = %e, "stopping without an order");
+                vec![live.iter().map(|d| d.id.clone()).collect()]
+            }
+        }
+    }
+
     /// Events dropped because the channel was full.
     pub fn dropped_events(&self) -> u64 {
         self.ctx.table().dropped_events
@@ -549,7 +620,7 @@ impl SupervisorHandle {
             }
         }
         for def in to_add {
-            self.ctx.add_process(def, Initial::Fresh)?;
+            self.ctx.add_process(def, Initial::Fresh, false)?;
         }
         self.ctx.persister.dirty();
         Ok(plan)
@@ -566,7 +637,7 @@ impl SupervisorHandle {
             return Err(SupervisorError::Closed);
         }
         let existing = {
-            let table = self.ctx.table();
+            let mut table = self.ctx.table();
             let stem = logs::file_stem(&def.id);
             if let Some(other) = table
                 .slots
@@ -578,10 +649,16 @@ impl SupervisorHandle {
                     def.id, other.record.id
                 )));
             }
-            match table.slots.iter().find(|s| s.record.id == def.id) {
+            match table.slots.iter_mut().find(|s| s.record.id == def.id) {
                 Some(s) if s.removing => return Err(SupervisorError::Duplicate(def.id)),
-                Some(s) if *s.def == def => return Ok(Change::Unchanged),
-                Some(s) => Some(s.tx.clone()),
+                Some(s) => {
+                    // The table or the Setup defines it now: it is no longer a client's.
+                    s.transient = false;
+                    if *s.def == def {
+                        return Ok(Change::Unchanged);
+                    }
+                    Some(s.tx.clone())
+                }
                 None => None,
             }
         };
@@ -598,10 +675,54 @@ impl SupervisorHandle {
                 Ok(Change::Changed)
             }
             None => {
-                self.ctx.add_process(def, Initial::Fresh)?;
+                self.ctx.add_process(def, Initial::Fresh, false)?;
                 Ok(Change::Added)
             }
         }
+    }
+
+    /// Adds a definition a client asked for (a legacy launcher): it is removed again as soon as its process
+    /// is stopped, exits or goes FATAL, and at most `max_client_processes` exist at a time. An id that is
+    /// already defined is left as it is.
+    ///
+    /// # Errors
+    /// An invalid definition; [`SupervisorError::Limit`] when the cap is reached.
+    pub async fn define_client(&self, def: ProcessDefinition) -> Result<Change, SupervisorError> {
+        def.validate()?;
+        let _serial = self.ctx.apply_lock.lock().await;
+        if self.ctx.closing.load(Ordering::SeqCst) {
+            return Err(SupervisorError::Closed);
+        }
+        {
+            let table = self.ctx.table();
+            match table.slots.iter().find(|s| s.record.id == def.id) {
+                Some(s) if s.removing => return Err(SupervisorError::Duplicate(def.id)),
+                Some(_) => return Ok(Change::Unchanged),
+                None => {}
+            }
+            let stem = logs::file_stem(&def.id);
+            if let Some(other) = table.slots.iter().find(|s| logs::file_stem(&s.record.id) == stem) {
+                return Err(SupervisorError::Duplicate(format!(
+                    "{} (log name of {})",
+                    def.id, other.record.id
+                )));
+            }
+            let clients = table.slots.iter().filter(|s| s.transient && !s.removing).count();
+            let cap = self.ctx.config.max_client_processes;
+            if clients >= cap {
+                return Err(SupervisorError::Limit(format!(
+                    "{clients} client-created processes exist, the limit (Procman.MAX_CLIENT_PROCESSES) is {cap}; \
+                     stop one first or define the device in the process table"
+                )));
+            }
+        }
+        self.ctx.add_process(def, Initial::Fresh, true)?;
+        Ok(Change::Added)
+    }
+
+    /// Whether `id` was created by a client ([`SupervisorHandle::define_client`]) and is still one.
+    pub fn is_client_defined(&self, id: &str) -> bool {
+        self.ctx.table().slots.iter().any(|s| s.record.id == id && s.transient)
     }
 
     /// Waits until the state file reflects every transition made before this call.
@@ -617,12 +738,47 @@ impl SupervisorHandle {
             return;
         }
         let _serial = self.ctx.apply_lock.lock().await;
+        // Stopping: dependents first, one layer at a time. Leaving them running: all at once.
+        let layers = if stop_children {
+            self.stop_order()
+        } else {
+            vec![self.ctx.table().slots.iter().map(|s| s.record.id.clone()).collect()]
+        };
+        let mut done: HashSet<String> = HashSet::new();
+        for layer in layers {
+            self.shutdown_layer(&layer, stop_children).await;
+            done.extend(layer);
+        }
+        // Rows being removed are not in the order; they go last.
+        let rest: Vec<String> = {
+            let table = self.ctx.table();
+            table
+                .slots
+                .iter()
+                .map(|s| s.record.id.clone())
+                .filter(|id| !done.contains(id))
+                .collect()
+        };
+        self.shutdown_layer(&rest, stop_children).await;
+        self.ctx.persister.flush().await;
+        self.ctx.stop_writer.cancel();
+        let table = self.ctx.table();
+        for s in &table.slots {
+            s.sink.close(false);
+        }
+    }
+}
+
+impl SupervisorHandle {
+    /// Shuts down the state machines of `ids` in parallel and waits for them, bounded by the longest stop.
+    async fn shutdown_layer(&self, ids: &[String], stop_children: bool) {
         let (waits, longest) = {
             let table = self.ctx.table();
             let mut longest = Duration::ZERO;
             let waits: Vec<_> = table
                 .slots
                 .iter()
+                .filter(|s| ids.contains(&s.record.id))
                 .filter_map(|s| {
                     longest = longest.max(s.def.stop_timeout);
                     let (done, rx) = oneshot::channel();
@@ -640,14 +796,9 @@ impl SupervisorHandle {
         if tokio::time::timeout(bound, all).await.is_err() {
             tracing::warn!(
                 ?bound,
+                ?ids,
                 "some processes did not finish stopping before the shutdown bound"
             );
-        }
-        self.ctx.persister.flush().await;
-        self.ctx.stop_writer.cancel();
-        let table = self.ctx.table();
-        for s in &table.slots {
-            s.sink.close(false);
         }
     }
 }

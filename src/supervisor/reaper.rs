@@ -19,7 +19,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use nix::errno::Errno;
@@ -44,7 +43,6 @@ pub(crate) type ExitSender = mpsc::UnboundedSender<ExitReport>;
 /// The process-wide reaper: routes from pid to the state machine that owns it.
 pub(crate) struct Reaper {
     routes: Mutex<HashMap<i32, ExitSender>>,
-    orphans: AtomicU64,
 }
 
 static REAPER: OnceLock<Result<Reaper, String>> = OnceLock::new();
@@ -55,7 +53,6 @@ pub(crate) fn global() -> Result<&'static Reaper, SupervisorError> {
         nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
         Ok(Reaper {
             routes: Mutex::new(HashMap::new()),
-            orphans: AtomicU64::new(0),
         })
     });
     let reaper = installed.as_ref().map_err(|e| SupervisorError::Reaper(e.clone()))?;
@@ -122,6 +119,16 @@ impl Reaper {
         Ok(pid)
     }
 
+    /// Spawns `cmd` like [`Reaper::spawn`] but hands back the `Child` for its pipes. The caller must never
+    /// wait on it: the exit arrives through `route`.
+    pub(crate) fn spawn_child(&self, cmd: &mut Command, route: ExitSender) -> io::Result<(i32, std::process::Child)> {
+        let mut routes = self.routes();
+        let child = cmd.spawn()?;
+        let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
+        routes.insert(pid, route);
+        Ok((pid, child))
+    }
+
     /// Routes the exit of `pid` (an adopted process) if it turns out to be our child. Returns false when
     /// another state machine already owns the pid.
     pub(crate) fn claim(&self, pid: i32, route: ExitSender) -> bool {
@@ -148,11 +155,6 @@ impl Reaper {
         }
     }
 
-    /// Orphaned descendants reaped so far.
-    pub(crate) fn orphans_reaped(&self) -> u64 {
-        self.orphans.load(Ordering::Relaxed)
-    }
-
     fn reap_all(&self) {
         let mut routes = self.routes();
         loop {
@@ -172,7 +174,6 @@ impl Reaper {
                     let _ = route.send(ExitReport { pid, code, signal });
                 }
                 None => {
-                    self.orphans.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(pid, ?code, ?signal, "reaped an orphaned descendant");
                 }
             }

@@ -103,6 +103,7 @@ impl DefinitionSummary {
             readiness: def.readiness.as_ref().map(|r| match &r.ping {
                 PingTarget::Endpoint(e) => format!("ping {e}"),
                 PingTarget::Registry { service_type } => format!("registry {service_type}"),
+                PingTarget::Tcp { host, port } => format!("tcp {host}:{port}"),
             }),
             service_type: def.service_type.clone(),
             inherit_env: def.inherit_env,

@@ -45,6 +45,10 @@ pub(crate) struct Identity {
     pub pgid: i32,
     /// Every group that belongs to the process (forking launchers can leave more than one).
     pub groups: Vec<i32>,
+    /// `(pgid, start ticks of its leader)` for the groups whose leader was seen: a group whose leader pid
+    /// is alive with another start time is a reused id and is never signalled.
+    #[serde(default)]
+    pub group_leaders: Vec<(i32, u64)>,
     pub start_ticks: u64,
     /// `/proc/<pid>/cmdline` as last seen.
     pub cmdline: Vec<String>,
@@ -54,6 +58,10 @@ pub(crate) struct Identity {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SavedProcess {
+    /// Created by a client (a legacy launcher); an entry written before the flag existed counts as one, so a
+    /// state file filled by clients is not carried forward (the table and the Setup define theirs again).
+    #[serde(default = "yes")]
+    pub transient: bool,
     pub definition: ProcessDefinition,
     pub desired: Desired,
     pub state: ProcessState,
@@ -62,6 +70,10 @@ pub(crate) struct SavedProcess {
     pub start_time: Option<f64>,
     pub restarts: u32,
     pub last_error: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Result of checking a saved identity against `/proc`.
@@ -75,8 +87,9 @@ pub(crate) enum Recognized {
     Reused(String),
 }
 
-/// Compares a saved identity with the live process table.
-pub(crate) fn recognize(id: &Identity) -> Recognized {
+/// Compares a saved identity with the live process table; `marker` checks that the live process carries the
+/// supervisor's marker for this process id (a process without it is never adopted).
+pub(crate) fn recognize(id: &Identity, marker: impl Fn(i32) -> bool) -> Recognized {
     let Some(stat) = sys::stat(id.pid) else {
         return Recognized::Gone;
     };
@@ -96,7 +109,100 @@ pub(crate) fn recognize(id: &Identity) -> Recognized {
             id.pid, cmdline, id.cmdline
         ));
     }
+    if !marker(id.pid) {
+        return Recognized::Reused(format!(
+            "pid {} does not carry this supervisor's marker for the process; not adopted",
+            id.pid
+        ));
+    }
     Recognized::Alive
+}
+
+impl Identity {
+    /// Whether group `g` may still be signalled for this process: never a protected group (ours), and not
+    /// when its recorded leader pid now names another process (start time differs: a reused id).
+    pub(crate) fn group_trusted(&self, g: i32) -> bool {
+        if g <= 1 || sys::is_protected_group(g) {
+            return false;
+        }
+        match self.group_leaders.iter().find(|(pg, _)| *pg == g) {
+            Some((_, ticks)) => match sys::stat(g) {
+                Some(st) => st.start_ticks == *ticks,
+                // The leader is gone; the id cannot be reused while the group still has members.
+                None => true,
+            },
+            None => true,
+        }
+    }
+
+    /// Records a group and its leader's start time (when the leader is alive).
+    pub(crate) fn add_group(&mut self, g: i32) {
+        if g <= 1 || sys::is_protected_group(g) || self.groups.contains(&g) {
+            return;
+        }
+        self.groups.push(g);
+        if let Some(st) = sys::stat(g) {
+            self.group_leaders.push((g, st.start_ticks));
+        }
+    }
+
+    /// For a process re-adopted from the state file: keeps only the groups that match the adopted process —
+    /// its current group, and other recorded groups whose every live member carries `marker` — and never a
+    /// protected group. A tampered or stale state file cannot make the supervisor signal anything else.
+    pub(crate) fn verify_groups(&mut self, marker: impl Fn(i32) -> bool) {
+        let Some(live) = sys::stat(self.pid) else {
+            self.groups.clear();
+            self.group_leaders.clear();
+            return;
+        };
+        let recorded = std::mem::take(&mut self.groups);
+        let leaders = std::mem::take(&mut self.group_leaders);
+        self.pgid = live.pgrp;
+        let all = sys::all_processes();
+        for g in std::iter::once(live.pgrp).chain(recorded) {
+            if g <= 1 || sys::is_protected_group(g) || self.groups.contains(&g) {
+                continue;
+            }
+            if g != live.pgrp {
+                let members: Vec<i32> = all
+                    .iter()
+                    .filter(|p| p.pgrp == g && p.state != 'Z')
+                    .map(|p| p.pid)
+                    .collect();
+                if members.is_empty() || !members.iter().all(|m| marker(*m)) {
+                    tracing::warn!(
+                        pid = self.pid,
+                        pgid = g,
+                        "recorded process group does not match the adopted process; dropped"
+                    );
+                    continue;
+                }
+            }
+            let leader = leaders.iter().find(|(pg, _)| *pg == g).copied();
+            match (leader, sys::stat(g)) {
+                (Some((_, ticks)), Some(st)) if st.start_ticks != ticks => {
+                    tracing::warn!(
+                        pgid = g,
+                        "recorded group leader was replaced by another process; group dropped"
+                    );
+                    continue;
+                }
+                _ => {}
+            }
+            self.groups.push(g);
+            match leader {
+                Some(l) => self.group_leaders.push(l),
+                None => {
+                    if let Some(st) = sys::stat(g) {
+                        self.group_leaders.push((g, st.start_ticks));
+                    }
+                }
+            }
+        }
+        if sys::is_protected_group(self.pgid) {
+            self.pgid = 0;
+        }
+    }
 }
 
 /// Reads the state file. `Ok(None)` when there is none.
@@ -121,14 +227,31 @@ pub(crate) fn load(path: &Path) -> Result<Option<StateFile>, String> {
 }
 
 /// Writes `bytes` to `path` atomically and durably: tmp + fsync + rename + fsync(dir).
+///
+/// The temporary file gets a fresh random name and is created exclusively (`O_CREAT | O_EXCL`, which never
+/// follows a symlink), mode 0600: a link planted in the state directory cannot make us write elsewhere.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = File::create(&tmp)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let written = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    fs::rename(&tmp, path)?;
+    written?;
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
     }

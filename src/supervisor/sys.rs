@@ -82,6 +82,51 @@ pub fn environ_has(pid: i32, name: &str, value: &str) -> Option<bool> {
     has_name.then_some(false)
 }
 
+/// The value of `name` in `/proc/<pid>/environ` (`None` when unset or unreadable).
+pub fn environ_get(pid: i32, name: &str) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let mut prefix = name.as_bytes().to_vec();
+    prefix.push(b'=');
+    raw.split(|b| *b == 0)
+        .find(|e| e.starts_with(&prefix))
+        .map(|e| String::from_utf8_lossy(&e[prefix.len()..]).into_owned())
+}
+
+/// Whether process `pid` carries the supervisor's marker for process `id`: `id_var=id`, and `owner_var`
+/// equal to `owner` when the process has it (processes started before the owner variable existed lack it).
+pub fn carries_marker(pid: i32, id_var: &str, id: &str, owner_var: &str, owner: &str) -> bool {
+    let Ok(raw) = fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let mut has_id = false;
+    let mut owner_ok = true;
+    for entry in raw.split(|b| *b == 0) {
+        if let Some(v) = strip_var(entry, id_var) {
+            has_id = v == id.as_bytes();
+        } else if let Some(v) = strip_var(entry, owner_var) {
+            owner_ok = v == owner.as_bytes();
+        }
+    }
+    has_id && owner_ok
+}
+
+fn strip_var<'a>(entry: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let rest = entry.strip_prefix(name.as_bytes())?;
+    rest.strip_prefix(b"=")
+}
+
+/// Live (non-zombie) processes other than this one that carry the marker of `id` (see [`carries_marker`]),
+/// with both variables required. A `/proc` scan: call it off the async runtime (`spawn_blocking`).
+pub fn marked_processes(id_var: &str, id: &str, owner_var: &str, owner: &str) -> Vec<ProcStat> {
+    let me = std::process::id() as i32;
+    all_processes()
+        .into_iter()
+        .filter(|p| p.pid != me && p.state != 'Z')
+        .filter(|p| environ_get(p.pid, owner_var).as_deref() == Some(owner))
+        .filter(|p| carries_marker(p.pid, id_var, id, owner_var, owner))
+        .collect()
+}
+
 /// Every process visible in `/proc`.
 pub fn all_processes() -> Vec<ProcStat> {
     let Ok(dir) = fs::read_dir("/proc") else {
@@ -102,18 +147,43 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// Whether any process is in group `pgid` (`kill(-pgid, 0)`; EPERM still means "exists").
+/// Process groups this daemon must never signal: its own group, its own pid and its session's group. A
+/// recorded group id that turns out to be one of these (a stale `/proc` read, a reused id, a tampered state
+/// file) would otherwise make the daemon signal itself and whatever shares its group.
+pub fn protected_groups() -> [i32; 3] {
+    let me = std::process::id() as i32;
+    let pgrp = nix::unistd::getpgrp().as_raw();
+    let sid = nix::unistd::getsid(None).map(|p| p.as_raw()).unwrap_or(pgrp);
+    [pgrp, me, sid]
+}
+
+/// Whether `pgid` is one of [`protected_groups`].
+pub fn is_protected_group(pgid: i32) -> bool {
+    protected_groups().contains(&pgid)
+}
+
+/// Whether any process is in group `pgid` (`kill(-pgid, 0)`; EPERM still means "exists"). A protected group
+/// never counts: it is never signalled, so nothing waits for it to empty.
 pub fn group_alive(pgid: i32) -> bool {
-    if pgid <= 1 {
+    if pgid <= 1 || is_protected_group(pgid) {
         return false;
     }
     !matches!(killpg(Pid::from_raw(pgid), None), Err(Errno::ESRCH))
 }
 
-/// Signals a whole process group; an empty group is not an error.
+/// Signals a whole process group; an empty group is not an error. A protected group (ours) is refused with
+/// `EPERM` and logged: nothing the supervisor records may ever make it signal itself.
 pub fn signal_group(pgid: i32, signal: Signal) -> Result<(), Errno> {
     if pgid <= 1 {
         return Err(Errno::EINVAL);
+    }
+    if is_protected_group(pgid) {
+        tracing::error!(
+            pgid,
+            ?signal,
+            "refusing to signal the daemon's own process group or session"
+        );
+        return Err(Errno::EPERM);
     }
     match killpg(Pid::from_raw(pgid), signal) {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
@@ -121,9 +191,9 @@ pub fn signal_group(pgid: i32, signal: Signal) -> Result<(), Errno> {
     }
 }
 
-/// Signals one process; a vanished process is not an error.
+/// Signals one process; a vanished process is not an error. The daemon itself is refused.
 pub fn signal_pid(pid: i32, signal: Signal) -> Result<(), Errno> {
-    if pid <= 1 {
+    if pid <= 1 || pid == std::process::id() as i32 {
         return Err(Errno::EINVAL);
     }
     match kill(Pid::from_raw(pid), signal) {

@@ -88,7 +88,7 @@ def answering(replies: dict[str, Any]) -> Handler:
 
 def failure_pickle(message: str) -> bytes:
     """``egse.response.Failure(message)`` as the original server pickles it, without importing anything
-    (the minimal form of PROTOCOL.md appendix A.1; ``message`` shorter than 256 UTF-8 bytes)."""
+    (the minimal form; ``message`` shorter than 256 UTF-8 bytes)."""
 
     def short(s: str) -> bytes:
         b = s.encode()

@@ -374,7 +374,7 @@ def zero_setup_yaml(site_id: str = DEFAULT_SITE_ID) -> str:
 
 
 def example_setup_yaml(site_id: str = DEFAULT_SITE_ID) -> str:
-    """Setup 1 with four (not installed, except egse.dummy) devices, as in shared/reference/example_setup."""
+    """Setup 1 with four (not installed, except egse.dummy) devices, as in the reference material's example Setup."""
     return f"""\
 # Example Setup with devices for the procman tests (site {site_id}, setup 1).
 # A node is a device when it has both `device` and `device_name`; it has a device id when it also has `device_id`.
@@ -493,7 +493,7 @@ def _wait_until(predicate: Callable[[], bool], timeout: float, interval: float =
 class ServiceSpec:
     """How to run and probe one reference service."""
 
-    name: str  # our short name: registry, nh, sm, cm, pm, log
+    name: str  # our short name: registry, nh, sm, cm, pm, log, mh
     module: str  # python -m <module> start
     service_type: str | None  # registry type it registers under (None: does not register)
     cmd_port: str | None  # Ports field of the pickle REP commanding port (control servers)
@@ -504,6 +504,8 @@ SPECS: dict[str, ServiceSpec] = {
     "registry": ServiceSpec("registry", "egse.registry.server", None, None, "registry_req"),
     "nh": ServiceSpec("nh", "egse.notifyhub.server", "NH_CS", None, "nh_req"),
     "log": ServiceSpec("log", "egse.logger.log_cs", "LOG_CS", None, None),
+    # The Metrics Hub; its backend comes from the environment (CGSE_METRICS_BACKEND, CGSE_DUCKDB_PATH …).
+    "mh": ServiceSpec("mh", "egse.metricshub.server", "MH_CS", None, None),
     "sm": ServiceSpec("sm", "egse.storage.storage_cs", "SM_CS", "sm_cmd", None),
     "cm": ServiceSpec("cm", "egse.confman.confman_cs", "CM_CS", "cm_cmd", None),
     "pm": ServiceSpec("pm", "egse.procman.procman_cs", "PM_CS", "pm_cmd", None),
@@ -840,7 +842,7 @@ class CgseEnv:
     # -- services ------------------------------------------------------------------------------------------------
 
     def service(self, name: str, extra_args: Sequence[str] = ()) -> RefProcess:
-        """A handle for service ``name`` (registry, nh, log, sm, cm, pm), not started yet."""
+        """A handle for service ``name`` (registry, nh, log, mh, sm, cm, pm), not started yet."""
         if name not in SPECS:
             raise RefEnvError(f"unknown service {name!r}; known: {sorted(SPECS)}")
         proc = RefProcess(self, SPECS[name], extra_args)
@@ -865,6 +867,9 @@ class CgseEnv:
 
     def start_logger(self, **kw: Any) -> RefProcess:
         return self.start("log", **kw)
+
+    def start_metrics_hub(self, **kw: Any) -> RefProcess:
+        return self.start("mh", **kw)
 
     def start_storage_manager(self, **kw: Any) -> RefProcess:
         return self.start("sm", **kw)

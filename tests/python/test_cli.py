@@ -1,13 +1,15 @@
-"""The ``pm_cs`` command line (``python -m egse.procman.procman_cs``): output and exit codes (PROTOCOL.md §12.4)."""
+"""The ``pm_cs`` command line (``python -m egse.procman.procman_cs``): output and exit codes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from conftest import (
     Daemon,
     Ports,
     daemon_pids,
+    free_port,
     is_active,
     kill_pid,
     pid_alive,
@@ -28,7 +31,7 @@ from conftest import (
 from egse.procman import ProcessManagerProxy
 from egse.procman.procman_cs import render, strip_markup, wrap
 
-CLI_FIXTURES = ROOT.parent / "shared" / "reference" / "fixtures" / "protocol" / "cli"
+CLI_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "protocol" / "cli"
 
 STOP_SENT = "Sending 'quit' command to process manager..\n"
 NOT_ACTIVE = "Process Manager Status: not active (Proxy is not connected when entering the \ncontext.)"
@@ -61,8 +64,6 @@ def status_running(ip: str | None) -> str:
 
 
 def test_the_expected_texts_are_the_recorded_ones() -> None:
-    if not CLI_FIXTURES.is_dir():
-        pytest.skip("shared/reference fixtures not present")
     assert (CLI_FIXTURES / "pm_cs_status.not_running.stdout").read_text() == NOT_ACTIVE
     assert (CLI_FIXTURES / "pm_cs_stop.not_running.stdout").read_text() == STOP_NOT_RUNNING
     assert (CLI_FIXTURES / "pm_cs_stop.running.stdout").read_text() == STOP_SENT
@@ -158,14 +159,16 @@ def test_start_fails_readably_when_a_port_is_taken(no_daemon: Ports) -> None:
 
 
 def test_console_script_and_help() -> None:
-    script = Path(sys.executable).parent / "pm_cs"
-    assert script.exists(), "pip/maturin install the pm_cs console script"
+    script = Path(sys.executable).parent / "procman_cs"
+    assert script.exists(), "pip/maturin install the procman_cs console script (pm_cs is cgse-core's)"
     r = subprocess.run([str(script), "--help"], check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0
     for command in ("start", "start-bg", "status", "stop"):
         assert command in r.stdout
+    for command in ("ps", "logs", "start-process", "stop-process", "restart", "reload", "events"):
+        assert command in r.stdout
     r = run_cli("bogus")
-    assert r.returncode == 2 and "invalid choice" in r.stderr
+    assert r.returncode == 2 and "bogus" in r.stderr
 
 
 def test_markup_rendering() -> None:
@@ -178,3 +181,254 @@ def test_markup_rendering() -> None:
     assert wrap("a b c", 80) == ["a b c"]
     assert wrap("aaaa bbbb", 5) == ["aaaa ", "bbbb"]
     assert os.environ.get("COLUMNS") is None
+
+
+# --- the operator commands, against our daemon with a small process table, from the Rust binary and the module ---
+
+PM_CS = ROOT / "target" / "release" / "pm_cs"
+
+ALPHA_SCRIPT = "import sys, time\nfor i in range(5): print('line', i, flush=True)\nsys.stdin.read() if False else time.sleep(1000)\n"
+
+
+def ops_table(path: Path, extra: str = "") -> Path:
+    """Two core services that start with the daemon: alpha prints five lines then sleeps; beta sleeps."""
+    path.write_text(
+        f"python: {sys.executable}\n"
+        "defaults:\n  restart: never\n  stop_timeout: 2\n"
+        "core_services:\n"
+        "  alpha:\n"
+        f'    argv: ["{{python}}", -c, {ALPHA_SCRIPT!r}]\n'
+        "    autostart: true\n"
+        "  beta:\n"
+        "    argv: [sleep, '1000']\n"
+        "    autostart: true\n" + extra
+    )
+    return path
+
+
+class OpsDaemon:
+    """Our daemon on its own ports and table; the CLI reaches it with ``--settings``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp
+        self.table = ops_table(tmp / "table.yaml")
+        self.ports = Ports(free_port(), free_port(), free_port())
+        self.settings = tmp / "settings.yaml"
+        self.settings.write_text(
+            "Process Manager Control Server:\n"
+            f"    COMMANDING_PORT: {self.ports.commanding}\n"
+            f"    MONITORING_PORT: {self.ports.monitoring}\n"
+            f"    SERVICE_PORT: {self.ports.service}\n"
+            "Procman:\n"
+            "    BIND_ADDRESS: 127.0.0.1\n"
+            f"    STATE_DIR: {tmp / 'state'}\n"
+            f"    PROCESS_TABLE: {self.table}\n"
+            "    STOP_CHILDREN_ON_EXIT: true\n"
+        )
+        self.stderr = open(tmp / "daemon.stderr", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(PM_CS), "start", "--settings", str(self.settings)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+            cwd=tmp,
+        )
+        if not wait_until(lambda: self.proc.poll() is not None or is_active(self.ports.commanding), 20):
+            raise AssertionError("the daemon did not answer within 20 s")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.stderr.close()
+
+
+def cli(how: str, d: OpsDaemon, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """One CLI command, from the binary or from ``python -m egse.procman.procman_cs``."""
+    exe = [str(PM_CS)] if how == "binary" else [sys.executable, "-m", "egse.procman.procman_cs"]
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    return subprocess.run(
+        [*exe, *args, "--settings", str(d.settings)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        cwd=d.dir,
+        env=env,
+    )
+
+
+def ps_json(how: str, d: OpsDaemon) -> dict[str, dict[str, object]]:
+    r = cli(how, d, "ps", "--json")
+    assert r.returncode == 0, r.stderr
+    return {p["id"]: p for p in json.loads(r.stdout)["processes"]}
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> Iterator[OpsDaemon]:
+    if not PM_CS.exists():
+        pytest.skip("cargo build --release --bin pm_cs first")
+    d = OpsDaemon(tmp_path)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+HOW = pytest.mark.parametrize("how", ["binary", "module"])
+
+
+@HOW
+def test_ps_table_and_json(ops: OpsDaemon, how: str) -> None:
+    assert wait_until(lambda: all(p["state"] == "RUNNING" for p in ps_json(how, ops).values()), 20)
+    procs = ps_json(how, ops)
+    assert list(procs) == ["alpha", "beta"]
+    beta = procs["beta"]
+    assert set(beta) == {"id", "state", "pid", "uptime_s", "restarts", "ready", "cpu_percent", "rss_bytes"}
+    assert isinstance(beta["pid"], int) and pid_alive(beta["pid"])
+    assert isinstance(beta["rss_bytes"], int) and beta["rss_bytes"] > 0, "local /proc figures"
+    r = cli(how, ops, "ps")
+    assert r.returncode == 0 and "\x1b" not in r.stdout, "no colours off a terminal"
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["ID", "STATE", "PID", "UPTIME", "RESTARTS", "READY", "CPU%", "RSS"]
+    assert [line.split()[:3] for line in lines[1:]] == [
+        ["alpha", "RUNNING", str(procs["alpha"]["pid"])],
+        ["beta", "RUNNING", str(beta["pid"])],
+    ]
+
+
+@HOW
+def test_logs_and_errors_name_the_id(ops: OpsDaemon, how: str) -> None:
+    assert wait_until(lambda: cli(how, ops, "logs", "alpha").stdout.count("line") == 5, 20)
+    r = cli(how, ops, "logs", "-n", "2", "alpha")
+    assert (r.returncode, r.stdout) == (0, "line 3\nline 4\n")
+    r = cli(how, ops, "logs", "nosuch")
+    assert r.returncode == 1 and "nosuch" in r.stderr and r.stdout == ""
+    r = cli(how, ops, "logs")
+    assert r.returncode == 2
+    r = cli(how, ops, "restart", "nosuch")
+    assert r.returncode == 1 and "nosuch" in r.stderr
+
+
+@HOW
+def test_stop_start_restart_a_process(ops: OpsDaemon, how: str) -> None:
+    assert wait_until(lambda: ps_json(how, ops)["beta"]["state"] == "RUNNING", 20)
+    r = cli(how, ops, "stop-process", "beta")
+    assert (r.returncode, r.stdout) == (0, "beta: stop requested\n"), r.stderr
+    assert wait_until(lambda: ps_json(how, ops)["beta"]["state"] == "STOPPED", 20)
+    r = cli(how, ops, "start-process", "beta")
+    assert (r.returncode, r.stdout) == (0, "beta: start requested\n"), r.stderr
+    assert wait_until(lambda: ps_json(how, ops)["beta"]["state"] == "RUNNING", 20)
+    pid = ps_json(how, ops)["beta"]["pid"]
+    r = cli(how, ops, "restart", "beta")
+    assert (r.returncode, r.stdout) == (0, "beta: restart requested\n"), r.stderr
+    assert wait_until(lambda: ps_json(how, ops)["beta"]["pid"] not in (None, pid), 20)
+
+
+def test_reload_dry_run_then_apply(ops: OpsDaemon) -> None:
+    r = cli("binary", ops, "reload", "--dry-run")
+    assert (r.returncode, r.stdout) == (0, "no changes (2 unchanged)\n"), r.stderr
+    ops_table(ops.table, "  gamma:\n    argv: [sleep, '1000']\n    autostart: false\n")
+    text = ops.table.read_text().replace("  beta:\n    argv: [sleep, '1000']", "  beta:\n    argv: [sleep, '999']")
+    ops.table.write_text(text)
+    r = cli("module", ops, "reload", "--dry-run")
+    assert (r.returncode, r.stdout) == (0, "+ gamma\n~ beta\nwould apply: 1 added, 0 removed, 1 changed, 1 unchanged\n")
+    assert "gamma" not in ps_json("binary", ops), "a dry run changes nothing"
+    r = cli("binary", ops, "reload")
+    assert (r.returncode, r.stdout) == (0, "+ gamma\n~ beta\napplied: 1 added, 0 removed, 1 changed, 1 unchanged\n")
+    assert "gamma" in ps_json("binary", ops)
+
+
+@HOW
+def test_events_and_logs_follow_until_the_daemon_goes_away(ops: OpsDaemon, how: str) -> None:
+    exe = [str(PM_CS)] if how == "binary" else [sys.executable, "-m", "egse.procman.procman_cs"]
+    assert wait_until(lambda: ps_json(how, ops)["beta"]["state"] == "RUNNING", 20)
+    out = ops.dir / f"events.{how}"
+    with open(out, "w") as f:
+        events = subprocess.Popen(
+            [*exe, "events", "--settings", str(ops.settings)], stdout=f, stderr=subprocess.PIPE, text=True
+        )
+        follow = subprocess.Popen(
+            [*exe, "logs", "-f", "-n", "1", "alpha", "--settings", str(ops.settings)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        # The subscription needs a moment to be in place: restart until an event line shows up.
+        def seen() -> bool:
+            cli(how, ops, "restart", "beta")
+            return wait_until(lambda: " beta RUNNING -> STOPPING" in out.read_text(), 3)
+
+        assert wait_until(seen, 30)
+        ops.stop()
+        assert events.wait(30) == 1
+        assert events.stderr is not None and "went away" in events.stderr.read()
+        assert follow.wait(30) == 1
+        assert follow.stdout is not None and follow.stdout.read().startswith("line 4\n")
+        assert follow.stderr is not None and "alpha" in follow.stderr.read()
+    finally:
+        for p in (events, follow):
+            stop_process(p)  # type: ignore[arg-type]
+            for pipe in (p.stdout, p.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+@HOW
+def test_follow_ends_on_ctrl_c(ops: OpsDaemon, how: str) -> None:
+    exe = [str(PM_CS)] if how == "binary" else [sys.executable, "-m", "egse.procman.procman_cs"]
+    p = subprocess.Popen(
+        [*exe, "logs", "-f", "alpha", "--settings", str(ops.settings)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline().startswith(b"line"), "it prints, then follows"
+        p.send_signal(signal.SIGINT)
+        assert p.wait(10) == 130
+    finally:
+        stop_process(p)
+        for pipe in (p.stdout, p.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@HOW
+def test_stop_all_stops_processes_in_reverse_order_then_the_daemon(ops: OpsDaemon, how: str) -> None:
+    assert wait_until(lambda: all(p["state"] == "RUNNING" for p in ps_json(how, ops).values()), 20)
+    pids = [int(str(p["pid"])) for p in ps_json(how, ops).values()]
+    r = cli(how, ops, "stop", "--all")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:4] == ["beta: stopping ...", "beta: STOPPED", "alpha: stopping ...", "alpha: STOPPED"], lines
+    assert ops.proc.wait(20) == 0
+    assert not any(pid_alive(p) for p in pids)
+
+
+@HOW
+def test_not_running_is_exit_code_1_on_stderr(no_daemon: Ports, how: str) -> None:
+    exe = [str(PM_CS)] if how == "binary" else [sys.executable, "-m", "egse.procman.procman_cs"]
+    if how == "binary" and not PM_CS.exists():
+        pytest.skip("cargo build --release --bin pm_cs first")
+    r = subprocess.run([*exe, "ps"], check=False, capture_output=True, text=True, timeout=30, cwd=SESSION_DIR)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "cannot reach the Process Manager" in r.stderr and str(PORTS.commanding) in r.stderr
+
+
+def test_cgse_plugin_function() -> None:
+    """``cgse procman …`` runs the same CLI (the typer group itself needs cgse's typer: see test below)."""
+    from egse.procman import cgse_plugin
+
+    assert cgse_plugin.procman_cli(["--help"]) == 0
+    assert cgse_plugin.procman_cli(["bogus"]) == 2
+    assert set(cgse_plugin.COMMANDS) >= {"ps", "logs", "events", "reload", "stop"}
+
+
+def test_cgse_plugin_group_builds_with_typer() -> None:
+    typer = pytest.importorskip("typer")
+    from egse.procman import cgse_plugin
+    from typer.testing import CliRunner
+
+    app = cgse_plugin.app
+    assert isinstance(app, typer.Typer)
+    result = CliRunner().invoke(app, ["ps", "--help"])
+    assert result.exit_code == 0

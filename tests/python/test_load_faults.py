@@ -10,6 +10,10 @@ figures each test measures are printed (``-s`` not needed) so that CI logs carry
 * Clients that send a request and die, half-open TCP connections (a partial ZMTP greeting, then silence),
   1,000 connect/disconnect cycles: the daemon keeps serving and its open fds return to the baseline; a
   half-open peer is dropped once ``Procman.HANDSHAKE_TIMEOUT`` (default 10 s) has passed.
+* Hostile peers (issue 13): a tiny monitoring frequency, a DEALER that pipelines requests and never reads the
+  replies, oversized ``add_listener`` names, 16 clients streaming huge frames. Each is answered within its bound
+  (a clamped period, a dropped client, a NACK, a disconnection), the daemon's RSS stays within generous bounds,
+  its fds return, other clients' ``Ping`` keeps working, and the monitoring keeps publishing.
 * Each peer (registry, Configuration Manager, Storage Manager) killed and restarted mid-run: the daemon
   keeps answering, no request is lost, and it is registered again after the registry's restart.
 """
@@ -441,6 +445,118 @@ def test_dying_clients_half_open_and_churn(site: CgseEnv, ours: OurDaemon, capsy
     figures.append(f"1,000 connect/disconnect cycles in {churn_s:.1f} s: fds {final}, Ping {ping_ms(p.pm_cmd):.2f} ms")
     report(capsys, "; ".join(figures))
     assert final <= baseline
+    assert ours.proc is not None and ours.proc.poll() is None
+
+
+def _closed_by_peer(s: socket.socket, timeout: float = 10.0) -> bool:
+    """Read until the daemon closes the connection (EOF or reset); False if it is still open at the deadline."""
+    s.settimeout(0.5)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not s.recv(1 << 16):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+@pytest.mark.timeout(150)
+def test_hostile_peers(site: CgseEnv, ours: OurDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13, findings 1, 4, 5 and 12, each against the default settings, with RSS, fds and Ping measured."""
+    p = site.ports
+    svcs = request(p.pm_srv, pickle.dumps("send_commands"))
+    time.sleep(0.5)
+    base = proc_status(ours.pid)
+    figures: list[str] = [f"baseline RSS {base['rss_kib']} KiB, fds {base['fds']}"]
+
+    # 1. A tiny frequency: clamped to MAX_PERIOD (3600 s) instead of an infinite period that killed the
+    #    publisher; after going back to 5 Hz, status dicts flow again.
+    for name in ("set_monitoring_frequency", "set_hk_frequency"):
+        assert request(p.pm_srv, command_execution(svcs[name], 1e-300)) == 3_600_000.0
+        assert is_failure(request(p.pm_srv, command_execution(svcs[name], float("nan"))))
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    reader = ctx.socket(zmq.SUB)
+    reader.setsockopt(zmq.LINGER, 0)
+    reader.setsockopt(zmq.SUBSCRIBE, b"")
+    reader.connect(f"tcp://127.0.0.1:{p.pm_mon}")
+    time.sleep(0.3)
+    assert request(p.pm_srv, command_execution(svcs["set_monitoring_frequency"], 5)) == pytest.approx(200, abs=20)
+    statuses = 0
+    deadline = time.monotonic() + 10
+    while statuses < 3 and time.monotonic() < deadline:
+        if reader.poll(500):
+            msg = pickle.loads(reader.recv())
+            statuses += isinstance(msg, dict) and "PID" in msg
+    figures.append(f"tiny frequency: clamped, {statuses} status dicts after resetting to 5 Hz")
+    assert statuses == 3, "the monitoring must publish again after a tiny frequency"
+
+    # 4. A DEALER pipelines 20,000 send_commands (replies of several KB) and never reads: dropped past
+    #    Procman.PEER_SEND_QUEUE, its replies freed.
+    cmds = pickle.dumps("send_commands")
+    reply_len = len(pickle.dumps(request(p.pm_cmd, cmds)))
+    greedy = socket.create_connection(("127.0.0.1", p.pm_cmd), timeout=5)
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    greedy.sendall(zmtp_greeting(b"DEALER"))
+    greedy.recv(64)
+    frame = b"\x01\x00" + bytes([0x00, len(cmds)]) + cmds
+    with contextlib.suppress(OSError):
+        greedy.settimeout(10)
+        greedy.sendall(frame * 20_000)
+    pings = [ping_ms(p.pm_cmd) for _ in range(20)]
+    rss_greedy = proc_status(ours.pid)["rss_kib"]
+    closed = _closed_by_peer(greedy)
+    greedy.close()
+    figures.append(
+        f"pipelining DEALER (20,000 replies of {reply_len} B never read): dropped {closed}, RSS "
+        f"+{rss_greedy - base['rss_kib']} KiB, Ping max {max(pings):.2f} ms meanwhile"
+    )
+    assert closed, "a client that never reads its replies must be dropped"
+    assert rss_greedy - base["rss_kib"] < 50 * 1024
+
+    # 5. add_listener with names of 512 KiB: refused (MAX_LISTENER_NAME), nothing kept.
+    nacks = 0
+    for i in range(40):
+        name = f"{i:02d}" + "n" * (512 * 1024)
+        reply = request(p.pm_srv, command_execution(svcs["add_listener"], {"name": name, "proxy": None}))
+        nacks += isinstance(reply, tuple) and reply[0] == "NACK"
+    rss_listeners = proc_status(ours.pid)["rss_kib"]
+    figures.append(f"40 listener names of 512 KiB: {nacks} NACKs, RSS +{rss_listeners - base['rss_kib']} KiB")
+    assert nacks == 40
+    assert request(p.pm_srv, command_execution(svcs["get_listener_names"])) == ([],)
+    assert rss_listeners - base["rss_kib"] < 50 * 1024
+
+    # 12. 16 clients announce 64 MiB frames and stream 4 MiB each: disconnected (over twice MAX_FRAME_BYTES)
+    #     before their bytes are buffered.
+    streams = []
+    for _ in range(16):
+        s = socket.create_connection(("127.0.0.1", p.pm_cmd), timeout=5)
+        s.sendall(zmtp_greeting(b"DEALER"))
+        s.recv(64)
+        streams.append(s)
+    chunk = b"x" * (1 << 20)
+    for s in streams:
+        with contextlib.suppress(OSError):
+            s.sendall(b"\x01\x00\x02" + struct.pack(">Q", 64 << 20))
+            for _ in range(4):
+                s.sendall(chunk)
+    rss_frames = proc_status(ours.pid)["rss_kib"]
+    dropped = sum(_closed_by_peer(s) for s in streams)
+    for s in streams:
+        s.close()
+    figures.append(f"16 clients streaming 64 MiB frames: {dropped} dropped, RSS +{rss_frames - base['rss_kib']} KiB")
+    assert dropped == 16
+    assert rss_frames - base["rss_kib"] < 50 * 1024
+
+    reader.close(0)
+    ctx.term()
+    final_fds = wait_fds(ours.pid, base["fds"])
+    after = proc_status(ours.pid)
+    figures.append(f"after: RSS {after['rss_kib']} KiB, fds {final_fds}, Ping {ping_ms(p.pm_cmd):.2f} ms")
+    report(capsys, "; ".join(figures))
+    assert final_fds <= base["fds"]
     assert ours.proc is not None and ours.proc.poll() is None
 
 

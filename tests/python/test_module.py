@@ -1,4 +1,4 @@
-"""The module API of ``egse.procman`` (PROTOCOL.md §12.3)."""
+"""The module API of ``egse.procman``."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from refenv import CgseEnv, in_private_netns, ref_python, run_ref
 
 pytestmark = [pytest.mark.refenv, pytest.mark.timeout(120)]
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "reference" / "fixtures" / "protocol"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "protocol"
 
 
 @pytest.fixture

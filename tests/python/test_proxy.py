@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PORTS, ROOT, Daemon, free_port
+from conftest import PORTS, Daemon, free_port
 from egse import procman
 from egse.procman import (
     DynamicCommand,
@@ -64,7 +64,7 @@ SERVICE_COMMANDS = [
     "get_listener_names",
     "register_to_storage",
 ]
-FIXTURES = ROOT.parent / "shared" / "reference" / "fixtures" / "protocol"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "protocol"
 
 
 # --- against our daemon -----------------------------------------------------------------------------------
@@ -164,6 +164,56 @@ def test_process_manager_commands(daemon: Daemon) -> None:
             pm.get_device_process_status(status_cmd=StatusCommand("X", None, "true")),
         ):
             assert reply is None or isinstance(reply, (dict, Failure)), reply
+
+
+def test_get_status_answers_what_pm_cs_status_shows(daemon: Daemon) -> None:
+    with ProcessManagerProxy() as pm:
+        status = pm.get_status()
+        assert not isinstance(status, Failure), status
+        integration = pm.get_integration_status()
+        listing = pm.list_processes()
+        address = pm.get_ip_address()
+    assert set(status) == {
+        "hostname",
+        "commanding_port",
+        "monitoring_port",
+        "service_port",
+        "registry",
+        "setup",
+        "housekeeping",
+        "processes",
+        "process_count",
+        "logger",
+        "metrics",
+    }
+    assert status["hostname"] == address
+    assert (status["commanding_port"], status["monitoring_port"], status["service_port"]) == (
+        PORTS.commanding,
+        PORTS.monitoring,
+        PORTS.service,
+    )
+    assert status["registry"] == integration["registry"] and status["registry"].startswith("Service Registry")
+    assert status["setup"] == integration["setup"]
+    assert status["housekeeping"] == integration["storage"]
+    states: dict[str, int] = {}
+    for record in listing["processes"]:
+        states[record["state"]] = states.get(record["state"], 0) + 1
+    assert status["processes"] == states
+    assert status["process_count"] == len(listing["processes"]) == sum(states.values())
+    assert status["logger"] == integration.get("logger") and status["metrics"] == integration.get("metrics")
+    # The module-level function keeps the original's text.
+    assert procman.get_status().startswith("Process Manager:\n    Status: [green]active[/]\n")
+
+
+def test_get_status_needs_the_announced_commands() -> None:
+    # A control server that is not procman: it answers the address requests, but announces no
+    # get_integration_status / list_processes.
+    replies = {"send_commands": {}, "get_ip_address": "127.0.0.1", "get_commanding_port": 1}
+    with FakeServer(answering(replies)) as srv:
+        pm = ProcessManagerProxy(protocol="tcp", hostname="127.0.0.1", port=srv.port, timeout=2.0)
+        reply = pm.get_status()
+    assert isinstance(reply, Failure)
+    assert "does not announce" in reply.message
 
 
 def test_argument_validation_logs_and_returns_none(daemon: Daemon, caplog: pytest.LogCaptureFixture) -> None:
@@ -445,7 +495,6 @@ def test_replies_pickled_by_cpython_decode(protocol: int) -> None:
         assert Proxy(srv.endpoint, timeout=5.0).send("sample") == SAMPLE
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared/reference fixtures not present")
 def test_replies_of_the_original_server_decode() -> None:
     replies = {
         "failure": (FIXTURES / "cmd_controller_raises_statuscmd_none.rep.pickle").read_bytes(),

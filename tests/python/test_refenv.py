@@ -41,7 +41,7 @@ if REASON and REQUIRE:
 needs_ref = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 pytestmark = [pytest.mark.refenv, needs_ref]
 
-# The original results for the example setup (INTEGRATION.md §5.4), as Python values: tuples vs lists matter.
+# The original results for the example setup, as Python values: tuples vs lists matter.
 EXPECTED_DEVICES = {
     "Dummy Device": ("class//egse.dummy.DummyProxy", "DUMMY_01", ()),
     "PUNA Hexapod": ("class//egse.hexapod.symetrie.puna.PunaProxy", "PUNA_01", ["PUNA_01"]),

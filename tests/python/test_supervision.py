@@ -21,7 +21,7 @@ import pytest
 import zmq
 from egse.procman import ProcessManagerProxy, StartCommand, StatusCommand, StopCommand
 from ourdaemon import OurDaemon
-from refenv import CgseEnv, free_port, in_private_netns
+from refenv import CgseEnv, free_port, in_private_netns, ping_control_server
 
 pytestmark = [pytest.mark.refenv, pytest.mark.timeout(180)]
 
@@ -34,6 +34,7 @@ def table(ports: dict[str, int]) -> str:
     lines = [
         f"python: {sys.executable}",
         "allowed_programs: [cgse]",
+        "device_commands: [fake, crasher, stubborn, hx]",
         "defaults:",
         "  restart: on-failure",
         "  backoff: {initial: 0.2, factor: 2, max: 1, reset_after: 60, jitter: 0}",
@@ -48,6 +49,8 @@ def table(ports: dict[str, int]) -> str:
             f'    readiness: {{ping: {{endpoint: "tcp://127.0.0.1:{port}"}}, timeout: 15, interval: 0.1}}',
         ]
     lines += [
+        "  TEMPLATED:",
+        '    argv: ["{python}", "-c", "import time; time.sleep(1000)", "{device_args}"]',
         "  CRASHER:",
         '    argv: ["{python}", "-c", "import sys; sys.exit(1)"]',
         "  STUBBORN:",
@@ -64,7 +67,7 @@ def site(tmp_path: Path) -> Iterator[CgseEnv]:
     ports = {name: free_port() for name in ("FAKE_01", "FAKE_02", "FAKE_A", "FAKE_B", "FAKE_C")}
     path = tmp_path / "procman.yaml"
     path.write_text(table(ports))
-    settings = {"Procman": {"PROCESS_TABLE": str(path), "STOP_CHILDREN_ON_EXIT": True}}
+    settings = {"Procman": {"PROCESS_TABLE": str(path), "STOP_CHILDREN_ON_EXIT": True, "MAX_CLIENT_PROCESSES": 16}}
     with CgseEnv(tmp_path / "site", extra_settings=settings) as env:
         env.fake_ports = ports  # type: ignore[attr-defined]
         yield env
@@ -299,3 +302,108 @@ def with_procman_id(name: str) -> list[int]:
             if f"PROCMAN_ID={name}".encode() in environ:
                 found.append(int(entry.name))
     return found
+
+
+# -- issue 13: hardening against a hostile peer ---------------------------------------------------------------------
+
+
+def test_client_device_args_never_fill_a_table_template(site: CgseEnv, ours: OurDaemon) -> None:
+    """Finding 8: TEMPLATED is in the table but not in the Setup; the client's args must not reach its argv."""
+    with proxy(site) as pm:
+        assert pm.start_process(StartCommand("TEMPLATED", "cgse fake", ["injected"], False)) is None
+    p = wait_for(lambda: (r := processes(site)["TEMPLATED"])["state"] == "RUNNING" and r, what="TEMPLATED running")
+    assert "injected" not in p["argv"], p["argv"]
+    with proxy(site) as pm:
+        pm.stop_process(StopCommand("TEMPLATED", [], "cgse fake"))
+
+
+@pytest.mark.parametrize("cgse_cmd", ["cgse core", "cgse reg", "cgse admin", "cgse fake extra", "cgse"])
+def test_only_device_launchers_on_every_path(site: CgseEnv, ours: OurDaemon, cgse_cmd: str) -> None:
+    """Finding 7: `cgse core` (and every non-launcher) is refused on start, stop and status alike."""
+    with proxy(site) as pm:
+        for reply in (
+            pm.start_process(StartCommand("NOT_OURS", cgse_cmd, ["X"], False)),
+            pm.stop_process(StopCommand("NOT_OURS", ["X"], cgse_cmd)),
+            pm.get_device_process_status(StatusCommand("NOT_OURS", ["X"], cgse_cmd)),
+        ):
+            assert type(reply).__name__ == "Failure", reply
+    names = processes(site)
+    assert "NOT_OURS" not in names and "NOT_OURS.stop" not in names, sorted(names)
+
+
+@pytest.mark.parametrize("arg", ["a b", "a;b", "--help", "x'y", "a\nb", ""])
+def test_device_args_validated_on_every_path(site: CgseEnv, ours: OurDaemon, arg: str) -> None:
+    """Finding 7: the stop path used to pass device_args[0] through unchecked; all three paths check it now."""
+    with proxy(site) as pm:
+        for reply in (
+            pm.start_process(StartCommand("NOT_OURS", "cgse fake", [arg], False)),
+            pm.stop_process(StopCommand("NOT_OURS", [arg], "cgse fake")),
+            pm.get_device_process_status(StatusCommand("FAKE_01", [arg], "cgse fake")),
+        ):
+            assert type(reply).__name__ == "Failure", reply
+    assert "NOT_OURS.stop" not in processes(site)
+
+
+def daemon_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def daemon_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_client_definitions_are_bounded(site: CgseEnv, tmp_path: Path) -> None:
+    """Findings 2 and 14: start_process for 300 new ids whose launcher (`cgse`, found on PATH) exits 0 at once.
+
+    The definitions never exceed Procman.MAX_CLIENT_PROCESSES (16 here), each is removed once it ends (the
+    launcher leaves nothing to adopt: a failed start, then FATAL), the daemon's descriptors and memory come back
+    to where they were, another client's Ping keeps answering, and the daemon does not signal itself.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    launcher = bin_dir / "cgse"
+    launcher.write_text("#!/bin/sh\nexit 0\n")
+    launcher.chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{site.env()['PATH']}"
+    with OurDaemon(site, name="flood", extra_env={"PATH": path}) as d:
+        d.start()
+        pid = d.pid
+        with proxy(site) as pm:  # warm up: one client definition, ended
+            pm.start_process(StartCommand("HXWARM", "cgse hx", [], False))
+        wait_for(lambda: "HXWARM" not in processes(site), timeout=30, what="warm-up definition removed")
+        rss0, fds0 = daemon_rss_kb(pid), daemon_fds(pid)
+        refused = accepted = 0
+        most = 0
+        pings_ok = pings = 0
+        with proxy(site) as pm:
+            for i in range(300):
+                reply = pm.start_process(StartCommand(f"HX{i:05d}", "cgse hx", [], False))
+                if reply is None:
+                    accepted += 1
+                else:
+                    assert "MAX_CLIENT_PROCESSES" in reply.message, reply.message
+                    refused += 1
+                if i % 20 == 0:
+                    live = [n for n in processes(site) if n.startswith("HX0")]
+                    most = max(most, len(live))
+                    pings += 1
+                    pings_ok += ping_control_server(site.ports.pm_cmd, timeout=5.0)
+        assert most <= 16, most
+        assert accepted >= 16 and refused > 0, (accepted, refused)
+        assert pings_ok == pings, f"{pings - pings_ok} of {pings} pings unanswered"
+        wait_for(
+            lambda: not any(n.startswith("HX0") for n in processes(site)), timeout=60, what="client definitions gone"
+        )
+        # Room again once they ended.
+        with proxy(site) as pm:
+            assert pm.start_process(StartCommand("HXAGAIN", "cgse hx", [], False)) is None
+        wait_for(lambda: "HXAGAIN" not in processes(site), timeout=30, what="HXAGAIN removed")
+        fds1 = wait_for(lambda: (n := daemon_fds(pid)) <= fds0 + 8 and n, timeout=20, what="descriptors released")
+        rss1 = daemon_rss_kb(pid)
+        print(f"flood: {accepted} accepted, {refused} refused; fds {fds0} -> {fds1}; RSS {rss0} kB -> {rss1} kB")
+        assert rss1 - rss0 < 32 * 1024, (rss0, rss1)
+        assert d.proc is not None and d.proc.poll() is None, "the daemon exited:\n" + d.logs()
+        assert "refusing to signal" not in d.stderr.read_text() + d.stdout.read_text()

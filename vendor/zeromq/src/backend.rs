@@ -19,10 +19,12 @@ use std::sync::Arc;
 
 /// Sender for notifying reconnection tasks when a peer disconnects.
 pub(crate) type DisconnectNotifier = mpsc::Sender<PeerIdentity>;
-const PEER_SEND_QUEUE_CAPACITY: usize = 100_000;
-
 pub(crate) struct Peer {
     pub(crate) send_queue: mpsc::Sender<Message>,
+    /// procman patch 5: fired when the peer is dropped for not reading, so that its writer task stops
+    /// and the replies queued for it are freed at once (a writer stuck on a full TCP buffer otherwise
+    /// holds them as long as the peer keeps the connection open). Dropped unfired, the writer drains.
+    pub(crate) writer_stop: Option<futures::channel::oneshot::Sender<()>>,
 }
 
 #[derive(Clone)]
@@ -59,6 +61,10 @@ pub(crate) struct GenericSocketBackend {
     pub(crate) socket_monitor: Mutex<Option<mpsc::Sender<SocketEvent>>>,
     single_peer: Mutex<Option<SinglePeer>>,
     peer_count: AtomicUsize,
+    /// procman patch 7: where each accepted peer connects from.
+    peer_endpoints: scc::HashMap<PeerIdentity, crate::Endpoint>,
+    /// procman patch 9: when each ROUTER peer connected or last sent a message.
+    last_active: scc::HashMap<PeerIdentity, std::time::Instant>,
     /// Notifiers for reconnection tasks - keyed by `peer_id`
     disconnect_notifiers: Mutex<HashMap<PeerIdentity, DisconnectNotifier>>,
 }
@@ -78,6 +84,8 @@ impl GenericSocketBackend {
             socket_monitor: Mutex::new(None),
             single_peer: Mutex::new(None),
             peer_count: AtomicUsize::new(0),
+            peer_endpoints: scc::HashMap::new(),
+            last_active: scc::HashMap::new(),
             disconnect_notifiers: Mutex::new(HashMap::new()),
         }
     }
@@ -154,6 +162,9 @@ impl GenericSocketBackend {
         peer_id: &PeerIdentity,
         message: Message,
     ) -> ZmqResult<()> {
+        if self.socket_type == SocketType::ROUTER {
+            return self.send_to_peer_or_drop(peer_id, message).await;
+        }
         let message = match self
             .finish_cached_send(self.try_send_cached_single_peer(message, Some(peer_id)))
             .await?
@@ -173,6 +184,59 @@ impl GenericSocketBackend {
                 Err(e.into())
             }
         }
+    }
+
+    /// procman patch 5: a ROUTER never waits for one peer. A peer whose queue is full (it sends requests
+    /// and does not read the replies) is disconnected and its queued replies are freed; waiting instead
+    /// would hold every later reply to it, and the request slots they occupy.
+    async fn send_to_peer_or_drop(&self, peer_id: &PeerIdentity, message: Message) -> ZmqResult<()> {
+        let result = match self.peers.get_async(peer_id).await {
+            Some(mut peer) => peer.send_queue.try_send(message),
+            None => return Err(ZmqError::Other("Destination client not found by identity")),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(error) if error.is_full() => {
+                if let Some((_, mut peer)) = self.peers.remove_async(peer_id).await {
+                    if let Some(stop) = peer.writer_stop.take() {
+                        let _ = stop.send(());
+                    }
+                }
+                self.peer_disconnected(peer_id);
+                Err(ZmqError::Other("peer's send queue is full: peer dropped"))
+            }
+            Err(error) => {
+                self.peer_disconnected(peer_id);
+                Err(error.into_send_error().into())
+            }
+        }
+    }
+
+    /// procman patch 9: note that `peer_id` was just heard from (ROUTER only).
+    pub(crate) fn touch(&self, peer_id: &PeerIdentity) {
+        if self.socket_type == SocketType::ROUTER {
+            self.last_active.upsert_sync(peer_id.clone(), std::time::Instant::now());
+        }
+    }
+
+    /// procman patch 9: disconnect the peers silent for longer than `idle`; returns how many.
+    pub(crate) fn close_idle_peers(&self, idle: std::time::Duration) -> usize {
+        let mut stale = Vec::new();
+        self.last_active.iter_sync(|id, at| {
+            if at.elapsed() > idle {
+                stale.push(id.clone());
+            }
+            true
+        });
+        for id in &stale {
+            self.peer_disconnected(id);
+        }
+        stale.len()
+    }
+
+    /// Where an accepted peer connects from (procman patch 7).
+    pub(crate) fn peer_endpoint(&self, peer_id: &PeerIdentity) -> Option<crate::Endpoint> {
+        self.peer_endpoints.read_sync(peer_id, |_, e| e.clone())
     }
 
     fn try_send_cached_single_peer(
@@ -287,20 +351,38 @@ impl SocketBackend for GenericSocketBackend {
 impl MultiPeerBackend for GenericSocketBackend {
     async fn peer_connected(self: Arc<Self>, peer_id: &PeerIdentity, io: FramedIo) {
         let (recv_queue, send_queue) = io.into_parts();
-        let (queue_sender, queue_receiver) = mpsc::channel(PEER_SEND_QUEUE_CAPACITY);
+        // procman patch 5: the bound is a setting (upstream: 100,000 messages).
+        let (queue_sender, queue_receiver) = mpsc::channel(crate::limits::peer_send_queue());
+        let (writer_stop, stop_receiver) = futures::channel::oneshot::channel::<()>();
         self.peers
             .upsert_async(
                 peer_id.clone(),
                 Peer {
                     send_queue: queue_sender,
+                    writer_stop: Some(writer_stop),
                 },
             )
             .await;
         self.refresh_single_peer_cache();
+        self.touch(peer_id);
         let writer_backend = self.clone();
         let writer_peer_id = peer_id.clone();
         async_rt::task::spawn(async move {
-            if let Err(error) = write_message_queue(queue_receiver, send_queue).await {
+            use futures::FutureExt;
+            // Fired: stop now (dropping the queue and the connection). Dropped unfired: drain as before.
+            let stopped = async move {
+                if stop_receiver.await.is_err() {
+                    futures::future::pending::<()>().await;
+                }
+            };
+            let writing = write_message_queue(queue_receiver, send_queue).fuse();
+            let stopped = stopped.fuse();
+            futures::pin_mut!(writing, stopped);
+            let result = futures::select! {
+                r = writing => r,
+                _ = stopped => Ok(()),
+            };
+            if let Err(error) = result {
                 log::debug!(
                     "Error sending message to peer {:?}: {:?}",
                     writer_peer_id,
@@ -322,8 +404,27 @@ impl MultiPeerBackend for GenericSocketBackend {
         };
     }
 
+    fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    fn record_peer_endpoint(&self, peer_id: &PeerIdentity, endpoint: &crate::Endpoint) {
+        self.peer_endpoints.upsert_sync(peer_id.clone(), endpoint.clone());
+    }
+
     fn peer_disconnected(&self, peer_id: &PeerIdentity) {
-        let peer_removed = self.peers.remove_sync(peer_id).is_some();
+        self.peer_endpoints.remove_sync(peer_id);
+        self.last_active.remove_sync(peer_id);
+        let removed = self.peers.remove_sync(peer_id);
+        let peer_removed = removed.is_some();
+        // procman patch 5: a ROUTER peer that went away gets no more replies; free what was queued.
+        if let Some((_, mut peer)) = removed {
+            if self.socket_type == SocketType::ROUTER {
+                if let Some(stop) = peer.writer_stop.take() {
+                    let _ = stop.send(());
+                }
+            }
+        }
         self.refresh_single_peer_cache();
         match &self.fair_queue_inner {
             None => {}

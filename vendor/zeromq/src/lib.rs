@@ -443,6 +443,14 @@ pub trait MultiPeerBackend: SocketBackend {
     async fn peer_connected(self: Arc<Self>, peer_id: &PeerIdentity, io: FramedIo);
 
     fn peer_disconnected(&self, peer_id: &PeerIdentity);
+
+    /// Connected peers (procman patch 6: the connection cap counts them).
+    fn peer_count(&self) -> usize {
+        0
+    }
+
+    /// Remember where an accepted peer connects from (procman patch 7); no-op where unused.
+    fn record_peer_endpoint(&self, _peer_id: &PeerIdentity, _endpoint: &Endpoint) {}
 }
 
 pub trait SocketBackend: Send + Sync {
@@ -488,13 +496,34 @@ where
 {
     let backend = socket.backend();
     let callback_backend = backend.clone();
+    // procman patch 6: connections still in their handshake, counted with the connected peers against
+    // `limits::max_connections()`.
+    let handshaking = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let callback = move |result: ZmqResult<(FramedIo, Endpoint)>| {
         let backend = callback_backend.clone();
+        let handshaking = handshaking.clone();
         async move {
             let result = match result {
-                Ok((io, endpoint)) => util::peer_connected(io, backend.clone())
-                    .await
-                    .map(|peer_id| (endpoint, peer_id)),
+                Ok((io, endpoint)) => {
+                    use std::sync::atomic::Ordering;
+                    let pending = handshaking.fetch_add(1, Ordering::AcqRel);
+                    let full = limits::max_connections()
+                        .is_some_and(|max| pending + backend.peer_count() >= max);
+                    if full {
+                        drop(io);
+                        handshaking.fetch_sub(1, Ordering::AcqRel);
+                        Err(ZmqError::Other("connection limit reached"))
+                    } else {
+                        // On success `peer_connected` has left the handshake count already.
+                        let result = util::peer_connected(io, backend.clone(), Some(&endpoint), &handshaking)
+                            .await
+                            .map(|peer_id| (endpoint, peer_id));
+                        if result.is_err() {
+                            handshaking.fetch_sub(1, Ordering::AcqRel);
+                        }
+                        result
+                    }
+                }
                 Err(error) => Err(error),
             };
 

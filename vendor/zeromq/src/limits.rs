@@ -33,6 +33,68 @@ pub fn set_pub_subscriber_queue(messages: usize) {
     PUB_SUBSCRIBER_QUEUE.store(messages.max(1), Ordering::Relaxed);
 }
 
+static PEER_SEND_QUEUE: AtomicUsize = AtomicUsize::new(100_000);
+/// 0 = no limit.
+static MAX_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Messages queued for one peer of a ROUTER (or DEALER, …) socket. A ROUTER drops a peer whose queue is
+/// full instead of waiting for it (procman patch 5); other sockets wait, as upstream.
+pub fn peer_send_queue() -> usize {
+    PEER_SEND_QUEUE.load(Ordering::Relaxed)
+}
+
+/// Set the per-peer send queue bound (applies to peers that connect afterwards).
+pub fn set_peer_send_queue(messages: usize) {
+    PEER_SEND_QUEUE.store(messages.max(1), Ordering::Relaxed);
+}
+
+/// Most connections one bound socket keeps (connected peers plus handshakes in progress); None = no
+/// limit. A connection accepted beyond it is closed at once (procman patch 6).
+pub fn max_connections() -> Option<usize> {
+    match MAX_CONNECTIONS.load(Ordering::Relaxed) {
+        0 => None,
+        n => Some(n),
+    }
+}
+
+/// Set the per-socket connection cap (0 = none).
+pub fn set_max_connections(n: usize) {
+    MAX_CONNECTIONS.store(n, Ordering::Relaxed);
+}
+
+/// Bytes of large frames being received at once, process-wide (procman patch 8).
+static RECEIVING: AtomicUsize = AtomicUsize::new(0);
+/// 0 = no limit.
+static MAX_RECEIVING_BYTES: AtomicUsize = AtomicUsize::new(0);
+/// Frames up to this size never count against the budget: requests of every day pass whatever happens.
+pub const SMALL_FRAME: usize = 64 * 1024;
+
+/// Set the process-wide budget for frames above [`SMALL_FRAME`] being received at once (0 = none).
+pub fn set_max_receiving_bytes(bytes: usize) {
+    MAX_RECEIVING_BYTES.store(bytes, Ordering::Relaxed);
+}
+
+/// Bytes of large frames being received right now.
+pub fn receiving_bytes() -> usize {
+    RECEIVING.load(Ordering::Relaxed)
+}
+
+/// Reserve `len` bytes of the budget for a frame about to be received; false when it would exceed it.
+pub(crate) fn reserve_receiving(len: usize) -> bool {
+    let max = MAX_RECEIVING_BYTES.load(Ordering::Relaxed);
+    RECEIVING
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+            let next = now.checked_add(len)?;
+            (max == 0 || next <= max).then_some(next)
+        })
+        .is_ok()
+}
+
+/// Give back what [`reserve_receiving`] took.
+pub(crate) fn release_receiving(len: usize) {
+    let _ = RECEIVING.fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| Some(now.saturating_sub(len)));
+}
+
 /// Time a new connection has to complete the ZMTP greeting and READY exchange; None = no limit.
 pub fn handshake_timeout() -> Option<Duration> {
     match HANDSHAKE_TIMEOUT_MS.load(Ordering::Relaxed) {

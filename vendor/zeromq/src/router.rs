@@ -167,6 +167,36 @@ pub struct RouterRecvHalf {
     fair_queue: FairQueue<ZmqFramedRead, PeerIdentity>,
 }
 
+impl RouterSendHalf {
+    /// Disconnect the peers that have sent nothing for longer than `idle` (procman patch 9); returns
+    /// how many. Their connections close and what was queued for them is freed.
+    pub fn close_idle_peers(&self, idle: std::time::Duration) -> usize {
+        self.inner.backend.close_idle_peers(idle)
+    }
+
+    /// The address the peer with this identity frame connects from, while it is connected (procman
+    /// patch 7).
+    pub fn peer_address(&self, identity: &bytes::Bytes) -> Option<std::net::SocketAddr> {
+        peer_address(&self.inner.backend, identity)
+    }
+}
+
+impl RouterRecvHalf {
+    /// See [`RouterSendHalf::peer_address`].
+    pub fn peer_address(&self, identity: &bytes::Bytes) -> Option<std::net::SocketAddr> {
+        peer_address(&self.inner.backend, identity)
+    }
+}
+
+fn peer_address(backend: &GenericSocketBackend, identity: &bytes::Bytes) -> Option<std::net::SocketAddr> {
+    let peer_id: PeerIdentity = identity.clone().try_into().ok()?;
+    match backend.peer_endpoint(&peer_id)? {
+        crate::Endpoint::Tcp(crate::Host::Ipv4(ip), port) => Some((ip, port).into()),
+        crate::Endpoint::Tcp(crate::Host::Ipv6(ip), port) => Some((ip, port).into()),
+        _ => None,
+    }
+}
+
 #[async_trait]
 impl SocketSend for RouterSendHalf {
     async fn send(&mut self, mut message: ZmqMessage) -> ZmqResult<()> {
@@ -189,6 +219,7 @@ impl SocketRecv for RouterRecvHalf {
         loop {
             match self.fair_queue.next().await {
                 Some((peer_id, Ok(Message::Message(mut message)))) => {
+                    self.inner.backend.touch(&peer_id);
                     message.push_front(peer_id.into());
                     return Ok(message);
                 }

@@ -190,6 +190,8 @@ pub(crate) async fn ready_exchange(
 pub(crate) async fn peer_connected(
     mut raw_socket: FramedIo,
     backend: Arc<dyn MultiPeerBackend>,
+    endpoint: Option<&crate::endpoint::Endpoint>,
+    handshaking: &std::sync::atomic::AtomicUsize,
 ) -> ZmqResult<PeerIdentity> {
     // procman patch: a peer that never completes the handshake must not hold its connection forever.
     let peer_id = match crate::limits::handshake_timeout() {
@@ -203,6 +205,13 @@ pub(crate) async fn peer_connected(
         }
         None => peer_handshake(&mut raw_socket, backend.clone()).await?,
     };
+    // procman patch: the peer's address is known before its first message can be received.
+    if let Some(endpoint) = endpoint {
+        backend.record_peer_endpoint(&peer_id, endpoint);
+    }
+    // procman patch 6: leave the count of handshakes in progress before joining the peers, so that no
+    // moment counts this connection twice against `limits::max_connections()`.
+    handshaking.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     backend.peer_connected(&peer_id, raw_socket).await;
     Ok(peer_id)
 }

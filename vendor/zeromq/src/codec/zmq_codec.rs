@@ -33,6 +33,14 @@ pub struct ZmqCodec {
     // internal details to higher levels
     buffered_message: Option<ZmqMessage>,
     max_read_chunk_size: usize,
+    /// procman patch 8: bytes of the process-wide receive budget held for the frame being read.
+    reserved: usize,
+}
+
+impl Drop for ZmqCodec {
+    fn drop(&mut self) {
+        crate::limits::release_receiving(std::mem::take(&mut self.reserved));
+    }
 }
 
 impl ZmqCodec {
@@ -46,6 +54,7 @@ impl ZmqCodec {
             waiting_for: 64, // len of the greeting frame
             buffered_message: None,
             max_read_chunk_size: options.read_buffer_max_size,
+            reserved: 0,
         }
     }
 
@@ -129,11 +138,21 @@ impl Decoder for ZmqCodec {
                     if frame_len.saturating_add(buffered) > crate::limits::max_message_size() {
                         return Err(CodecError::Decode("Message exceeds the maximum message size"));
                     }
+                    // procman patch 8: large frames being received at once share one process-wide
+                    // budget (16 clients streaming 64 MiB frames held 3 GB); past it the peer is
+                    // disconnected. Small frames never wait for it.
+                    if frame_len > crate::limits::SMALL_FRAME {
+                        if !crate::limits::reserve_receiving(frame_len) {
+                            return Err(CodecError::Decode("Too many large frames being received at once"));
+                        }
+                        self.reserved = frame_len;
+                    }
                     self.state = DecoderState::Frame(frame);
                     self.waiting_for = frame_len;
                 }
                 DecoderState::Frame(frame) => {
                     let data = src.split_to(self.waiting_for);
+                    crate::limits::release_receiving(std::mem::take(&mut self.reserved));
                     self.state = DecoderState::FrameHeader;
                     self.waiting_for = 1;
                     if frame.command {

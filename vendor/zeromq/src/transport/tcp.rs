@@ -110,7 +110,13 @@ where
                             )
                         })
                         .map_err(|err| err.into());
+                    // procman patch 6: at the fd limit accept fails at once, every time; without a
+                    // pause the loop spins a core until a descriptor is freed.
+                    let failed = maybe_accepted.is_err();
                     async_rt::task::spawn(cback(maybe_accepted));
+                    if failed {
+                        async_rt::task::sleep(std::time::Duration::from_millis(100)).await;
+                    }
                 }
                 _ = stop_callback => {
                     break

@@ -1,0 +1,302 @@
+//! A one-way channel to a CGSE peer that takes PUSH messages (the Logger's receiver, the Metrics Hub's
+//! collector), built so that the peer can cost the daemon nothing.
+//!
+//! Producers hand messages to [`Pusher::push`], which never blocks: a bounded queue sits between them and
+//! one background task that owns the socket. When the queue is full (the peer is absent, stuck, or slower
+//! than we produce), the message is dropped and counted. The task finds the peer (the configured port, or
+//! the port its registry record announces when the port is 0), connects, and sends; after any send error
+//! or timeout it drops the socket and connects afresh, so a restarted peer is found again. What is queued
+//! while no peer answers is delivered once one does (the queue bounds how much).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::config::RegistrySettings;
+use crate::transport::{self, PushClient};
+
+/// Where the peer listens: a fixed port, or (port 0) the metadata port of its registry record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushTarget {
+    /// For logs and status ("Logger", "Metrics Hub").
+    pub peer: String,
+    pub hostname: String,
+    /// 0 = from the Service Registry.
+    pub port: u16,
+    /// Registry service type of the peer (`LOG_CS`, `MH_CS`).
+    pub service_type: String,
+    /// Key of the port in the record's metadata (`receiver_port`, `collector_port`).
+    pub metadata_key: String,
+    pub registry: RegistrySettings,
+    pub registry_timeout: Duration,
+}
+
+impl PushTarget {
+    /// The peer's endpoint now (a registry lookup when the port is 0).
+    pub async fn resolve(&self) -> Result<String, String> {
+        if self.port != 0 {
+            return transport::client_endpoint("tcp", &self.hostname, self.port).map_err(|e| e.to_string());
+        }
+        let record = super::registry::discover(&self.registry, &self.service_type, self.registry_timeout)
+            .await
+            .map_err(|e| format!("{} not found in the Service Registry ({e})", self.service_type))?;
+        let port = record
+            .metadata_port(&self.metadata_key)
+            .ok_or_else(|| format!("its registry record has no metadata.{}", self.metadata_key))?;
+        record.endpoint(port).map_err(|e| e.to_string())
+    }
+}
+
+/// How the sender behaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushConfig {
+    pub target: PushTarget,
+    /// Messages queued at most; more are dropped (and counted).
+    pub queue: usize,
+    /// Connecting to the peer.
+    pub connect_timeout: Duration,
+    /// Handing one message to the socket; a peer that does not read makes this expire.
+    pub send_timeout: Duration,
+    /// Wait between attempts to find or connect to the peer.
+    pub retry: Duration,
+}
+
+/// Counters, shared by the producers, the task and the status report.
+#[derive(Debug, Default)]
+pub struct PushStats {
+    pub sent: AtomicU64,
+    /// Dropped because the queue was full, the send failed, or the daemon stopped with messages queued.
+    pub dropped: AtomicU64,
+    connected: AtomicBool,
+    endpoint: Mutex<String>,
+    last_error: Mutex<String>,
+}
+
+impl PushStats {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, connected: bool, endpoint: Option<&str>, error: Option<String>) {
+        self.connected.store(connected, Ordering::Relaxed);
+        if let (Some(ep), Ok(mut e)) = (endpoint, self.endpoint.lock()) {
+            ep.clone_into(&mut e);
+        }
+        if let (Some(err), Ok(mut e)) = (error, self.last_error.lock()) {
+            *e = err;
+        }
+    }
+}
+
+/// The producer side: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct Pusher {
+    peer: String,
+    tx: mpsc::Sender<Vec<u8>>,
+    stats: Arc<PushStats>,
+}
+
+impl Pusher {
+    /// Start the background sender (needs a Tokio runtime); it stops when `cancel` fires.
+    pub fn start(config: PushConfig, cancel: CancellationToken) -> Pusher {
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let stats = Arc::new(PushStats::default());
+        let peer = config.target.peer.clone();
+        tokio::spawn(run(config, rx, stats.clone(), cancel));
+        Pusher { peer, tx, stats }
+    }
+
+    /// Queue one message; false (and counted as dropped) when the queue is full or the sender stopped.
+    pub fn push(&self, message: Vec<u8>) -> bool {
+        match self.tx.try_send(message) {
+            Ok(()) => true,
+            Err(_) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Wait until the queue is empty or `limit` passes (at shutdown, so the last lines leave too).
+    pub async fn flush(&self, limit: Duration) {
+        let end = tokio::time::Instant::now() + limit;
+        while self.tx.capacity() < self.tx.max_capacity() && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<PushStats> {
+        &self.stats
+    }
+
+    /// Where it stands, for `pm_cs status`: connected or not, sent and dropped so far.
+    pub fn describe(&self) -> String {
+        let s = &self.stats;
+        let endpoint = s.endpoint.lock().map(|e| e.clone()).unwrap_or_default();
+        let error = s.last_error.lock().map(|e| e.clone()).unwrap_or_default();
+        let counts = format!("{} sent, {} dropped", s.sent(), s.dropped());
+        if s.connected.load(Ordering::Relaxed) {
+            format!("{}: connected to {endpoint} ({counts})", self.peer)
+        } else if error.is_empty() {
+            format!("{}: connecting ({counts})", self.peer)
+        } else {
+            format!("{}: not connected ({error}); retrying ({counts})", self.peer)
+        }
+    }
+}
+
+/// The sender task: find the peer, connect, send until an error, again.
+async fn run(config: PushConfig, mut rx: mpsc::Receiver<Vec<u8>>, stats: Arc<PushStats>, cancel: CancellationToken) {
+    let peer = &config.target.peer;
+    'outer: loop {
+        let connected = match config.target.resolve().await {
+            Ok(ep) => PushClient::connect(&ep, config.connect_timeout)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let mut client = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(peer = %peer, error = %e, "peer not reachable; messages stay queued (bounded)");
+                stats.set(false, None, Some(e));
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'outer,
+                    _ = tokio::time::sleep(config.retry) => continue 'outer,
+                }
+            }
+        };
+        stats.set(true, Some(client.endpoint()), None);
+        loop {
+            let message = tokio::select! {
+                _ = cancel.cancelled() => break 'outer,
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => break 'outer,
+                },
+            };
+            match client.send(message, config.send_timeout).await {
+                Ok(()) => {
+                    stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    // The message may be half-sent: count it as lost and start over with a new socket.
+                    stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    stats.set(false, None, Some(e.to_string()));
+                    continue 'outer;
+                }
+            }
+        }
+    }
+    // Whatever is still queued will never be sent.
+    rx.close();
+    let mut left = 0u64;
+    while rx.try_recv().is_ok() {
+        left += 1;
+    }
+    stats.dropped.fetch_add(left, Ordering::Relaxed);
+    stats.set(false, None, None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgse::testing::{free_port_listener, PullPeer};
+
+    fn config(port: u16, queue: usize) -> PushConfig {
+        PushConfig {
+            target: PushTarget {
+                peer: "Test".into(),
+                hostname: "127.0.0.1".into(),
+                port,
+                service_type: "TEST".into(),
+                metadata_key: "receiver_port".into(),
+                registry: RegistrySettings {
+                    hostname: "127.0.0.1".into(),
+                    requester_port: 1,
+                    publisher_port: 1,
+                    heartbeat_port: 1,
+                },
+                registry_timeout: Duration::from_millis(200),
+            },
+            queue,
+            connect_timeout: Duration::from_millis(300),
+            send_timeout: Duration::from_millis(300),
+            retry: Duration::from_millis(50),
+        }
+    }
+
+    #[tokio::test]
+    async fn absent_peer_bounds_the_queue_and_counts_drops() {
+        // A port nobody listens on: the listener is dropped, the connection is refused.
+        let port = free_port_listener().local_addr().unwrap().port();
+        let cancel = CancellationToken::new();
+        let p = Pusher::start(config(port, 4), cancel.clone());
+        let accepted = (0..10).filter(|i| p.push(vec![*i as u8])).count();
+        assert_eq!(accepted, 4);
+        assert_eq!(p.stats().dropped(), 6);
+        assert_eq!(p.stats().sent(), 0);
+        cancel.cancel();
+        let stats = p.stats().clone();
+        crate::cgse::testing::wait_until(Duration::from_secs(5), || stats.dropped() == 10).await;
+        assert_eq!(stats.dropped(), 10, "the 4 queued ones count as dropped at shutdown");
+    }
+
+    #[tokio::test]
+    async fn queued_messages_reach_a_peer_that_appears_later() {
+        let listener = free_port_listener();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let cancel = CancellationToken::new();
+        let p = Pusher::start(config(port, 16), cancel.clone());
+        for i in 0..3u8 {
+            assert!(p.push(vec![b'm', i]));
+        }
+        let mut peer = PullPeer::bind(port).await;
+        for i in 0..3u8 {
+            assert_eq!(peer.recv(Duration::from_secs(10)).await, vec![b'm', i]);
+        }
+        assert_eq!(p.stats().dropped(), 0);
+        assert!(
+            p.describe().contains("connected to tcp://127.0.0.1:"),
+            "{}",
+            p.describe()
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_reads_costs_drops_not_blocking() {
+        // A TCP listener that accepts and never reads nor answers the ZMTP greeting.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let mut keep = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                keep.push(s);
+            }
+        });
+        let cancel = CancellationToken::new();
+        let p = Pusher::start(config(port, 8), cancel.clone());
+        let big = vec![0u8; 64 * 1024];
+        let mut refused = 0;
+        for _ in 0..200 {
+            if !p.push(big.clone()) {
+                refused += 1;
+            }
+        }
+        assert!(refused >= 192, "at most the queue bound is accepted: {refused}");
+        assert_eq!(p.stats().sent(), 0);
+        assert!(p.stats().dropped() >= 192);
+        cancel.cancel();
+        hold.abort();
+    }
+}

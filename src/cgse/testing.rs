@@ -1,0 +1,130 @@
+//! Test peers for the CGSE clients in this folder: one scripted control server (receive → decode → reply)
+//! and one PULL receiver, instead of a hand-made socket loop in every test.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+use zeromq::{PullSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::codec::{self, Limits, Value};
+use crate::transport;
+
+/// A listener on a free loopback port (drop it to make the port refuse connections).
+pub fn free_port_listener() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port")
+}
+
+/// A free loopback port (nothing listens on it when this returns).
+pub fn free_port() -> u16 {
+    free_port_listener().local_addr().expect("local address").port()
+}
+
+/// Poll `cond` until it holds or `limit` passes (the caller asserts afterwards).
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !cond() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What the scripted server does with one decoded request: `Some(reply)`, or `None` to stay silent.
+pub type Script = Arc<dyn Fn(&Value) -> Option<Value> + Send + Sync>;
+
+/// A CGSE control server (pickle over ROUTER) that answers by script and records what it received.
+pub struct ScriptedServer {
+    pub port: u16,
+    pub seen: Arc<Mutex<Vec<Value>>>,
+    task: JoinHandle<()>,
+}
+
+impl ScriptedServer {
+    /// Bind on `port` (0 = a free one) and serve until dropped.
+    pub async fn start(port: u16, script: impl Fn(&Value) -> Option<Value> + Send + Sync + 'static) -> ScriptedServer {
+        let script: Script = Arc::new(script);
+        let (mut router, port) = transport::bind_router("tcp", "127.0.0.1", port, "scripted")
+            .await
+            .expect("bind the scripted server");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok(m) = router.recv().await {
+                let mut frames = m.into_vec();
+                let Some(last) = frames.pop() else { continue };
+                let request = codec::decode(&last, &Limits::default()).expect("a request we can decode");
+                log.lock().expect("seen").push(request.clone());
+                if let Some(reply) = script(&request) {
+                    frames.push(Bytes::from(codec::encode(&reply)));
+                    if let Ok(msg) = ZmqMessage::try_from(frames) {
+                        let _ = router.send(msg).await;
+                    }
+                }
+            }
+        });
+        ScriptedServer { port, seen, task }
+    }
+
+    /// The requests received so far.
+    pub fn seen(&self) -> Vec<Value> {
+        self.seen.lock().expect("seen").clone()
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for ScriptedServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A PULL receiver (the Logger's or the Metrics Hub's side of a PUSH channel).
+pub struct PullPeer {
+    socket: PullSocket,
+}
+
+impl PullPeer {
+    pub async fn bind(port: u16) -> PullPeer {
+        let mut socket = PullSocket::new();
+        socket
+            .bind(&format!("tcp://127.0.0.1:{port}"))
+            .await
+            .expect("bind the PULL peer");
+        PullPeer { socket }
+    }
+
+    /// The next message's single frame, within `limit` (panics otherwise: the test fails).
+    pub async fn recv(&mut self, limit: Duration) -> Vec<u8> {
+        let m = tokio::time::timeout(limit, self.socket.recv())
+            .await
+            .expect("a message within the limit")
+            .expect("a message");
+        m.get(0).map(|b| b.to_vec()).unwrap_or_default()
+    }
+
+    /// Receive until `done` says the collected messages suffice, within `limit`.
+    pub async fn recv_until(&mut self, limit: Duration, mut done: impl FnMut(&[Vec<u8>]) -> bool) -> Vec<Vec<u8>> {
+        let end = Instant::now() + limit;
+        let mut out = Vec::new();
+        while !done(&out) {
+            let left = end.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.socket.recv()).await {
+                Ok(Ok(m)) => out.push(m.get(0).map(|b| b.to_vec()).unwrap_or_default()),
+                _ => break,
+            }
+        }
+        out
+    }
+}
+
+/// Run `f` with a deadline; panic with `what` when it does not finish.
+pub async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: not done within {limit:?}"),
+    }
+}
