@@ -872,7 +872,7 @@ impl Actor {
                     exit: None,
                 });
                 self.last_start_time = Some(start_time);
-                self.last_exit = None;
+                // `last_exit` is kept: the record shows how the previous run ended while the next one runs.
                 self.ready = None;
                 self.adopted = false;
                 self.set_state(ProcessState::Starting, Some(pid), None);
