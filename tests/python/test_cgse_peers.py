@@ -106,13 +106,21 @@ def test_our_log_lines_reach_general_log_formatted_like_the_others(site: CgseEnv
         return [m for m in found if m and m["process_name"].strip() == "pm_cs" and int(m["pid"]) == ours.pid]
 
     lines = wait_for(ours_lines, 20, "a line of our daemon in general.log")
-    # A line from a CGSE Python process through egse.logger, for comparison.
-    site.run(
-        "import logging\n"
+    # A line from a CGSE Python process through egse.logger, for comparison. Its handler sends with IMMEDIATE and
+    # NOBLOCK, so a record emitted before the connection is up is dropped: it logs until the line is in the file.
+    rc, _, err = site.run(
+        "import logging, pathlib, time\n"
         "from egse.logger import remote_logging\n"
+        f"general = pathlib.Path({str(general)!r})\n"
+        "deadline = time.monotonic() + 20\n"
         "with remote_logging():\n"
-        "    logging.getLogger('egse.peers_test').warning('hello from python')\n"
+        "    while 'hello from python' not in general.read_text(errors='replace'):\n"
+        "        assert time.monotonic() < deadline, 'the line never reached general.log'\n"
+        "        logging.getLogger('egse.peers_test').warning('hello from python')\n"
+        "        time.sleep(0.2)\n",
+        timeout=40,
     )
+    assert rc == 0, err
     python_line = wait_for(
         lambda: [
             m for line in general.read_text().splitlines() if (m := LINE.match(line)) and "hello from python" in line
