@@ -468,6 +468,7 @@ pub async fn discover_pm(config: &DaemonConfig) -> Result<(String, String), Stri
             record.id
         )
     })?;
-    let endpoint = |port| record.endpoint(port).map_err(|e| e.to_string());
-    Ok((endpoint(record.port)?, endpoint(service_port)?))
+    let commanding = record.endpoint(record.port).await.map_err(|e| e.to_string())?;
+    let service = record.endpoint(service_port).await.map_err(|e| e.to_string())?;
+    Ok((commanding, service))
 }

@@ -128,28 +128,56 @@ pub fn message(frames: Vec<Bytes>) -> Option<ZmqMessage> {
 
 /// The endpoint a client connects to. zmq.rs resolves `localhost` itself, but a hostname that resolves
 /// to IPv6 first would be tried as such; resolve here and prefer IPv4 like libzmq.
+///
+/// This resolves a hostname with the blocking system resolver: for command-line tools and start-up code.
+/// Code on the runtime uses [`client_endpoint_async`].
 pub fn client_endpoint(protocol: &str, host: &str, port: u16) -> Result<String, TransportError> {
-    if protocol != "tcp" {
-        return Err(TransportError::Protocol(protocol.to_owned()));
-    }
-    let ip = if let Ok(ip) = host.parse::<IpAddr>() {
-        ip
-    } else {
-        let addrs: Vec<SocketAddr> = (host, port)
-            .to_socket_addrs()
-            .map_err(|_| TransportError::Resolve(host.to_owned()))?
-            .collect();
-        addrs
-            .iter()
-            .find(|a| a.is_ipv4())
-            .or_else(|| addrs.first())
-            .map(|a| a.ip())
-            .ok_or_else(|| TransportError::Resolve(host.to_owned()))?
+    check_protocol(protocol)?;
+    let ip = match host.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => prefer_ipv4(host, (host, port).to_socket_addrs().ok().into_iter().flatten())?,
     };
-    Ok(match ip {
+    Ok(endpoint_of(ip, port))
+}
+
+/// [`client_endpoint`] for async code: a hostname is resolved by `tokio::net::lookup_host`, which runs the
+/// system resolver on the blocking pool, so a slow DNS server stalls this caller only, never a runtime
+/// thread. An IP address costs no lookup at all.
+pub async fn client_endpoint_async(protocol: &str, host: &str, port: u16) -> Result<String, TransportError> {
+    check_protocol(protocol)?;
+    let ip = match host.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => prefer_ipv4(
+            host,
+            tokio::net::lookup_host((host, port)).await.ok().into_iter().flatten(),
+        )?,
+    };
+    Ok(endpoint_of(ip, port))
+}
+
+fn check_protocol(protocol: &str) -> Result<(), TransportError> {
+    if protocol == "tcp" {
+        Ok(())
+    } else {
+        Err(TransportError::Protocol(protocol.to_owned()))
+    }
+}
+
+fn prefer_ipv4(host: &str, addrs: impl Iterator<Item = SocketAddr>) -> Result<IpAddr, TransportError> {
+    let addrs: Vec<SocketAddr> = addrs.collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .map(|a| a.ip())
+        .ok_or_else(|| TransportError::Resolve(host.to_owned()))
+}
+
+fn endpoint_of(ip: IpAddr, port: u16) -> String {
+    match ip {
         IpAddr::V4(v4) => format!("tcp://{v4}:{port}"),
         IpAddr::V6(v6) => format!("tcp://[{v6}]:{port}"),
-    })
+    }
 }
 
 /// Connect a client socket within `limit`; any failure means nothing was sent.
@@ -460,6 +488,27 @@ impl PushClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_async_resolver_gives_what_the_blocking_one_gives() {
+        for host in ["127.0.0.1", "::1", "localhost"] {
+            let blocking = client_endpoint("tcp", host, 6120).unwrap();
+            assert_eq!(
+                client_endpoint_async("tcp", host, 6120).await.unwrap(),
+                blocking,
+                "{host}"
+            );
+        }
+        assert_eq!(client_endpoint_async("tcp", "::1", 1).await.unwrap(), "tcp://[::1]:1");
+        assert_eq!(
+            client_endpoint_async("tcp", "localhost", 1).await.unwrap(),
+            "tcp://127.0.0.1:1"
+        );
+        assert!(matches!(
+            client_endpoint_async("ipc", "x", 1).await,
+            Err(TransportError::Protocol(_))
+        ));
+    }
 
     #[test]
     fn wildcard_binds_every_interface() {

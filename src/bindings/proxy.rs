@@ -279,9 +279,10 @@ impl PyProxy {
 impl PyProxy {
     #[new]
     #[pyo3(signature = (endpoint, timeout = 30.0))]
-    fn new(endpoint: &str, timeout: f64) -> PyResult<PyProxy> {
+    fn new(py: Python<'_>, endpoint: &str, timeout: f64) -> PyResult<PyProxy> {
         let e = match Endpoint::split(endpoint) {
-            Some((protocol, host, port)) => Endpoint::new(&protocol, &host, port),
+            // A hostname goes to the system resolver: without the GIL, so other Python threads go on.
+            Some((protocol, host, port)) => py.detach(|| Endpoint::new(&protocol, &host, port)),
             None => {
                 return Err(PyValueError::new_err(format!(
                     "endpoint '{endpoint}' is not of the form <protocol>://<host>:<port>"
@@ -638,7 +639,7 @@ impl ServiceProxy {
         let endpoint = match (hostname, port) {
             (Some(h), Some(p)) => {
                 let p = u16::try_from(p).map_err(|_| PyValueError::new_err(format!("port {p} is not a TCP port")))?;
-                Endpoint::new(protocol, &h, p)
+                py.detach(|| Endpoint::new(protocol, &h, p))
             }
             _ => {
                 let Some(service_type) = service_type else {

@@ -179,21 +179,28 @@ impl ConfmanSetup {
 }
 
 impl Inner {
+    /// The configured endpoint as written in the settings (for display: no name lookup).
     fn endpoint(&self) -> Result<String, String> {
         let cm = &self.config.cm;
-        transport::client_endpoint("tcp", &cm.hostname, cm.commanding_port).map_err(|e| e.to_string())
+        Ok(match cm.hostname.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(v6)) => format!("tcp://[{v6}]:{}", cm.commanding_port),
+            _ => format!("tcp://{}:{}", cm.hostname, cm.commanding_port),
+        })
     }
 
     async fn client(&self) -> Result<ControlClient, ConfmanError> {
         let cm = &self.config.cm;
         let endpoint = if cm.commanding_port != 0 {
-            self.endpoint().map_err(ConfmanError::Discovery)?
+            transport::client_endpoint_async("tcp", &cm.hostname, cm.commanding_port)
+                .await
+                .map_err(|e| ConfmanError::Discovery(e.to_string()))?
         } else {
             let rec =
                 crate::cgse::registry::discover(&self.config.registry, &cm.service_type, self.config.registry_timeout)
                     .await
                     .map_err(|e| ConfmanError::Discovery(e.to_string()))?;
             rec.endpoint(rec.port)
+                .await
                 .map_err(|e| ConfmanError::Discovery(e.to_string()))?
         };
         let mut c = ControlClient::new(endpoint, self.config.timeout);
@@ -389,7 +396,7 @@ async fn notify_loop(inner: Weak<Inner>) {
     let (endpoint, refresh) = {
         let Some(i) = inner.upgrade() else { return };
         let nh = &i.config.notify_hub;
-        match transport::client_endpoint("tcp", &nh.hostname, nh.publisher_port) {
+        match transport::client_endpoint_async("tcp", &nh.hostname, nh.publisher_port).await {
             Ok(e) => (e, i.config.refresh),
             Err(e) => {
                 warn!(error = %e, "not following the Notify Hub");

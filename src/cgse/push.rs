@@ -39,7 +39,9 @@ impl PushTarget {
     /// The peer's endpoint now (a registry lookup when the port is 0).
     pub async fn resolve(&self) -> Result<String, String> {
         if self.port != 0 {
-            return transport::client_endpoint("tcp", &self.hostname, self.port).map_err(|e| e.to_string());
+            return transport::client_endpoint_async("tcp", &self.hostname, self.port)
+                .await
+                .map_err(|e| e.to_string());
         }
         let record = super::registry::discover(&self.registry, &self.service_type, self.registry_timeout)
             .await
@@ -47,7 +49,7 @@ impl PushTarget {
         let port = record
             .metadata_port(&self.metadata_key)
             .ok_or_else(|| format!("its registry record has no metadata.{}", self.metadata_key))?;
-        record.endpoint(port).map_err(|e| e.to_string())
+        record.endpoint(port).await.map_err(|e| e.to_string())
     }
 }
 

@@ -194,8 +194,8 @@ impl ServiceRecord {
     }
 
     /// `tcp://<host>:<port>` (the registry stores no protocol; CGSE assumes tcp).
-    pub fn endpoint(&self, port: u16) -> Result<String, TransportError> {
-        transport::client_endpoint("tcp", &self.host, port)
+    pub async fn endpoint(&self, port: u16) -> Result<String, TransportError> {
+        transport::client_endpoint_async("tcp", &self.host, port).await
     }
 }
 
@@ -214,9 +214,9 @@ impl RegistryClient {
     }
 
     /// The request port of the configured registry.
-    pub fn from_settings(s: &RegistrySettings, timeout: Duration) -> Result<RegistryClient, RegistryError> {
+    pub async fn from_settings(s: &RegistrySettings, timeout: Duration) -> Result<RegistryClient, RegistryError> {
         Ok(RegistryClient::new(
-            transport::client_endpoint("tcp", &s.hostname, s.requester_port)?,
+            transport::client_endpoint_async("tcp", &s.hostname, s.requester_port).await?,
             timeout,
         ))
     }
@@ -407,7 +407,8 @@ pub async fn discover(
     service_type: &str,
     timeout: Duration,
 ) -> Result<ServiceRecord, RegistryError> {
-    RegistryClient::from_settings(settings, timeout)?
+    RegistryClient::from_settings(settings, timeout)
+        .await?
         .discover(service_type)
         .await
 }
@@ -430,7 +431,7 @@ impl crate::probe::Locator for RegistryLocator {
         let service_type = service_type.to_owned();
         Box::pin(async move {
             match discover(&self.settings, &service_type, self.timeout).await {
-                Ok(r) => r.endpoint(r.port).ok(),
+                Ok(r) => r.endpoint(r.port).await.ok(),
                 Err(e) => {
                     debug!(service_type = %service_type, error = %e, "not found in the registry");
                     None
@@ -597,7 +598,7 @@ impl Registration {
         if let (true, Some(id)) = (registered, id) {
             // Deregister only when the registry was answering: a dead one would eat the shutdown budget.
             let timeout = self.config.timeout.min(Duration::from_millis(500));
-            match RegistryClient::from_settings(&self.config.registry, timeout) {
+            match RegistryClient::from_settings(&self.config.registry, timeout).await {
                 Ok(mut c) => match c.deregister(&id).await {
                     Ok(()) => info!(service_id = %id, "deregistered from the Service Registry"),
                     Err(e) => warn!(service_id = %id, error = %e, "deregistration failed"),
@@ -731,7 +732,7 @@ impl Worker {
         let again = match (&id, registered) {
             (Some(id), true) if force => {
                 let id = id.clone();
-                if let Ok(c) = self.registry() {
+                if let Ok(c) = self.registry().await {
                     if let Err(e) = c.deregister(&id).await {
                         warn!(service_id = %id, error = %e, "deregistration before re-registering failed");
                     }
@@ -740,7 +741,7 @@ impl Worker {
             }
             (Some(id), true) => {
                 let id = id.clone();
-                match self.registry() {
+                match self.registry().await {
                     Ok(c) => c.get(&id).await.is_err(),
                     Err(_) => true,
                 }
@@ -766,12 +767,9 @@ impl Worker {
             .unwrap_or_else(|| "127.0.0.1".to_owned())
     }
 
-    fn registry(&mut self) -> Result<&mut RegistryClient, RegistryError> {
+    async fn registry(&mut self) -> Result<&mut RegistryClient, RegistryError> {
         if self.registry.is_none() {
-            self.registry = Some(RegistryClient::from_settings(
-                &self.config.registry,
-                self.config.timeout,
-            )?);
+            self.registry = Some(RegistryClient::from_settings(&self.config.registry, self.config.timeout).await?);
         }
         self.registry.as_mut().ok_or_else(|| RegistryError::BadReply {
             endpoint: String::new(),
@@ -788,7 +786,7 @@ impl Worker {
         };
         if self.heartbeat.is_none() {
             let r = &self.config.registry;
-            let ep = transport::client_endpoint("tcp", &r.hostname, r.heartbeat_port)?;
+            let ep = transport::client_endpoint_async("tcp", &r.hostname, r.heartbeat_port).await?;
             self.heartbeat = Some(HeartbeatClient::new(ep, self.config.timeout));
         }
         match self.heartbeat.as_mut() {
@@ -820,7 +818,7 @@ impl Worker {
             attempts: 0,
             last_error: e.to_string(),
         };
-        let client = self.registry().map_err(|e| failed(&e))?;
+        let client = self.registry().await.map_err(|e| failed(&e))?;
         let first = client.register(&info, ttl).await;
         let id = match first {
             Ok(id) => id,
@@ -853,7 +851,7 @@ impl Worker {
     async fn take_over_if_stale(&mut self, host: &str, existing: String) -> Result<String, RegistrationState> {
         let ttl = self.config.ttl;
         let timeout = self.config.timeout;
-        let client = self.registry().map_err(|e| RegistrationState::Registering {
+        let client = self.registry().await.map_err(|e| RegistrationState::Registering {
             attempts: 0,
             last_error: e.to_string(),
         })?;
@@ -869,6 +867,7 @@ impl Worker {
         };
         let endpoint = record
             .endpoint(record.port)
+            .await
             .unwrap_or_else(|_| format!("{}:{}", record.host, record.port));
         let ours = record.port == self.ports.commanding && (record.host == host || is_loopback(&record.host));
         let mut holder = ControlClient::new(endpoint.clone(), timeout);
@@ -882,7 +881,7 @@ impl Worker {
         warn!(existing_id = %existing, endpoint = %endpoint,
             "the Process Manager service type is held by a record nobody answers for (a crashed Process Manager?); taking it over");
         let info = self.info(host, Some(existing));
-        let client = self.registry().map_err(|e| RegistrationState::Registering {
+        let client = self.registry().await.map_err(|e| RegistrationState::Registering {
             attempts: 0,
             last_error: e.to_string(),
         })?;
@@ -972,7 +971,7 @@ pub async fn clear_stale_records(
     service_type: &str,
     timeout: Duration,
 ) -> Result<Vec<ClearedRecord>, RegistryError> {
-    let mut client = RegistryClient::from_settings(registry, timeout)?;
+    let mut client = RegistryClient::from_settings(registry, timeout).await?;
     let records = client.list(service_type).await?;
     let mut cleared = Vec::new();
     for record in records {
@@ -1220,13 +1219,13 @@ mod tests {
         assert_eq!(heartbeat_interval(Duration::from_secs(2)), Duration::from_secs(1));
     }
 
-    #[test]
-    fn records_and_ids() {
+    #[tokio::test]
+    async fn records_and_ids() {
         let v: Json = serde_json::from_str(r#"{"id": "pm_cs-ceefb116", "name": "pm_cs", "host": "127.0.0.1", "port": 38953, "metadata": {"service_port": 39091, "monitoring_port": 38537, "type": "PM_CS"}, "ttl": 30, "last_heartbeat": 1795691579, "tags": ["PM_CS"], "health": "passing"}"#).unwrap();
         let r = ServiceRecord::from_json(&v).unwrap();
         assert_eq!(r.metadata_port("service_port"), Some(39091));
         assert_eq!(r.metadata_port("nope"), None);
-        assert_eq!(r.endpoint(r.port).unwrap(), "tcp://127.0.0.1:38953");
+        assert_eq!(r.endpoint(r.port).await.unwrap(), "tcp://127.0.0.1:38953");
         assert!(ServiceRecord::from_json(&serde_json::json!({"id": "x", "host": "h", "port": 70000})).is_none());
         assert!(valid_id("pm_cs-e8e1ffb7-04fb-447d-804a-b61d994dbe85"));
         assert!(!valid_id("../../etc/passwd") && !valid_id("") && !valid_id("a b"));
