@@ -8,7 +8,7 @@ use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::codec::float_repr;
@@ -89,11 +89,15 @@ pub fn daily_file(data_location: &Path, site_id: &str, origin: &str, when: Syste
 }
 
 /// Appends records to the daily CSV file itself: the embedded default when no Storage Manager runs.
+///
+/// Clones share the columns in force. The blocking file work runs on tokio's blocking pool through
+/// [`LocalCsv::append_async`] and [`LocalCsv::contains_async`], never on a runtime thread.
+#[derive(Clone)]
 pub struct LocalCsv {
     data_location: PathBuf,
     site_id: String,
     origin: String,
-    columns: Mutex<Option<Vec<String>>>,
+    columns: Arc<Mutex<Option<Vec<String>>>>,
 }
 
 impl LocalCsv {
@@ -102,7 +106,7 @@ impl LocalCsv {
             data_location,
             site_id,
             origin,
-            columns: Mutex::new(None),
+            columns: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -133,6 +137,22 @@ impl LocalCsv {
                 .unwrap_or_default()
         });
         (path, csv_line(values))
+    }
+
+    /// [`LocalCsv::append`] on the blocking pool.
+    pub async fn append_async(&self, record: HkRecord) -> std::io::Result<PathBuf> {
+        let csv = self.clone();
+        tokio::task::spawn_blocking(move || csv.append(&record))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// [`LocalCsv::contains`] on the blocking pool.
+    pub async fn contains_async(&self, record: HkRecord) -> std::io::Result<bool> {
+        let csv = self.clone();
+        tokio::task::spawn_blocking(move || csv.contains(&record))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     /// Whether the record's row is already in its daily file (written by us or by the Storage Manager).
@@ -205,7 +225,7 @@ impl HousekeepingSink for LocalCsv {
     }
 
     fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.append(&record).map(|_| ()).map_err(|e| e.to_string()) })
+        Box::pin(async move { self.append_async(record).await.map(|_| ()).map_err(|e| e.to_string()) })
     }
 
     fn shutdown(&self) -> SinkFuture<'_, ()> {

@@ -206,7 +206,8 @@ impl StorageManagerSink {
     async fn endpoint(&self) -> Result<String, StorageError> {
         let sm = &self.config.sm;
         if sm.commanding_port != 0 {
-            return transport::client_endpoint("tcp", &sm.hostname, sm.commanding_port)
+            return transport::client_endpoint_async("tcp", &sm.hostname, sm.commanding_port)
+                .await
                 .map_err(|e| StorageError::Discovery(e.to_string()));
         }
         let rec =
@@ -214,6 +215,7 @@ impl StorageManagerSink {
                 .await
                 .map_err(|e| StorageError::Discovery(e.to_string()))?;
         rec.endpoint(rec.port)
+            .await
             .map_err(|e| StorageError::Discovery(e.to_string()))
     }
 
@@ -315,8 +317,8 @@ impl StorageManagerSink {
         matches!(self.request(st, &Value::str("Ping")).await, Ok(Value::Str(s)) if s == "Pong")
     }
 
-    fn write_local(&self, st: &mut State, record: &HkRecord, reason: &str) -> Result<(), String> {
-        let path = self.local.append(record).map_err(|e| {
+    async fn write_local(&self, st: &mut State, record: &HkRecord, reason: &str) -> Result<(), String> {
+        let path = self.local.append_async(record.clone()).await.map_err(|e| {
             format!("housekeeping record lost: not stored by the Storage Manager ({reason}) nor in the local file: {e}")
         })?;
         if st.via_sm != Some(false) {
@@ -349,7 +351,7 @@ impl StorageManagerSink {
         let mut errors = Vec::new();
         let mut alive: Option<bool> = None;
         for d in doubts {
-            match self.local.contains(&d.record) {
+            match self.local.contains_async(d.record.clone()).await {
                 Ok(true) => {
                     debug!("a record in doubt is in the daily file: the Storage Manager stored it");
                     continue;
@@ -358,7 +360,7 @@ impl StorageManagerSink {
                 Err(e) => warn!(error = %e, "cannot read the daily file to settle a record in doubt"),
             }
             if shutting_down {
-                if let Err(e) = self.write_local(st, &d.record, "no answer before shutdown") {
+                if let Err(e) = self.write_local(st, &d.record, "no answer before shutdown").await {
                     errors.push(e);
                 }
                 continue;
@@ -372,11 +374,11 @@ impl StorageManagerSink {
                 }
             };
             // Alive and idle (it answered after the lost request): look once more, then send again.
-            if is_alive && !matches!(self.local.contains(&d.record), Ok(true)) {
+            if is_alive && !matches!(self.local.contains_async(d.record.clone()).await, Ok(true)) {
                 match self.sm_store(st, &d.record).await {
                     Outcome::Stored => self.stored_via_sm(st),
                     Outcome::NotStored(reason) => {
-                        if let Err(e) = self.write_local(st, &d.record, &reason) {
+                        if let Err(e) = self.write_local(st, &d.record, &reason).await {
                             errors.push(e);
                         }
                     }
@@ -389,7 +391,10 @@ impl StorageManagerSink {
                     limit_s = IN_DOUBT_LIMIT.as_secs(),
                     "a record sent to the silent Storage Manager is written locally"
                 );
-                if let Err(e) = self.write_local(st, &d.record, "no answer from the Storage Manager") {
+                if let Err(e) = self
+                    .write_local(st, &d.record, "no answer from the Storage Manager")
+                    .await
+                {
                     errors.push(e);
                 }
             } else {
@@ -427,7 +432,7 @@ impl StorageManagerSink {
                 self.stored_via_sm(&mut st);
                 Ok(())
             }
-            Outcome::NotStored(reason) => self.write_local(&mut st, &record, &reason),
+            Outcome::NotStored(reason) => self.write_local(&mut st, &record, &reason).await,
             Outcome::InDoubt(reason) => {
                 warn!(reason = %reason, "no answer from the Storage Manager to a save: the record is in doubt until it is found in the file or the Storage Manager answers again");
                 st.in_doubt.push(Doubt {
