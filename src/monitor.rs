@@ -17,7 +17,17 @@ pub struct StatusSampler {
     /// Process start, seconds since boot (field 22 of /proc/self/stat).
     start_since_boot: Option<f64>,
     last_cpu: Mutex<Option<(Instant, f64)>>,
+    /// The last figures read and when: requests within [`FIGURES_TTL`] reuse them, so a client asking in a
+    /// loop does not turn into a loop of `/proc` reads on a runtime thread.
+    cached: Mutex<Option<(Instant, ProcFigures)>>,
+    /// USS and when it was read: `smaps_rollup` walks every mapping, the dearest of the reads.
+    cached_uss: Mutex<Option<(Instant, u64)>>,
 }
+
+/// How long a reading of `/proc/self/stat` and `statm` is reused (the kernel counts CPU in 10 ms ticks).
+const FIGURES_TTL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long a USS reading is reused.
+const USS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// CPU times and memory of this process.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -47,6 +57,8 @@ impl StatusSampler {
             cpu_count: physical_cores(),
             start_since_boot: stat.and_then(|s| s.starttime).map(|t| t as f64 / clk_tck),
             last_cpu: Mutex::new(None),
+            cached: Mutex::new(None),
+            cached_uss: Mutex::new(None),
         }
     }
 
@@ -55,8 +67,21 @@ impl StatusSampler {
         self.uuid
     }
 
-    /// Memory and CPU times now.
+    /// Memory and CPU times, at most [`FIGURES_TTL`] old (USS at most [`USS_TTL`]).
     pub fn figures(&self) -> ProcFigures {
+        let now = Instant::now();
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, f)) = *cached {
+            if now.duration_since(at) < FIGURES_TTL {
+                return f;
+            }
+        }
+        let f = self.read_figures(now);
+        *cached = Some((now, f));
+        f
+    }
+
+    fn read_figures(&self, now: Instant) -> ProcFigures {
         let mut f = ProcFigures::default();
         if let Some(s) = read_stat() {
             f.cpu_user = s.utime as f64 / self.clk_tck;
@@ -70,7 +95,15 @@ impl StatusSampler {
                 .unwrap_or(0);
             f.rss = rss_pages * self.page_size;
         }
-        f.uss = read_uss().unwrap_or(f.rss);
+        let mut uss = self.cached_uss.lock().unwrap_or_else(|e| e.into_inner());
+        f.uss = match *uss {
+            Some((at, v)) if now.duration_since(at) < USS_TTL => v,
+            _ => {
+                let v = read_uss().unwrap_or(f.rss);
+                *uss = Some((now, v));
+                v
+            }
+        };
         f
     }
 
