@@ -31,6 +31,7 @@ struct Counting;
 
 // SAFETY: every method forwards to `System` with the caller's arguments unchanged; the counters are
 // plain atomics and never influence the allocation itself.
+#[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded contract of `GlobalAlloc::alloc`.

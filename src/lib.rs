@@ -23,6 +23,12 @@
 //!   replies may become; the pyo3 layer itself (`bindings`, feature `python`) only converts and delegates.
 //! - [`logging`]: tracing to stderr, with levels settable at run time. [`notify`]: systemd's notify protocol.
 
+// Nothing a peer or a file sends may panic the daemon, and only the command-line edge prints.
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)
+)]
+
 pub mod assemble;
 #[cfg(feature = "python")]
 mod bindings;

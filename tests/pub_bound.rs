@@ -21,6 +21,7 @@ struct Counting;
 
 // SAFETY: every method forwards to `System` with the caller's arguments unchanged; the counter is a plain
 // atomic and never influences the allocation itself.
+#[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded contract of `GlobalAlloc::alloc`.

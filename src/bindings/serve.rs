@@ -100,7 +100,7 @@ pub fn is_process_manager_active(py: Python<'_>, timeout: f64) -> PyResult<bool>
 #[pyo3(signature = (endpoint, timeout = 0.5))]
 pub fn is_control_server_active(py: Python<'_>, endpoint: &str, timeout: f64) -> PyResult<bool> {
     let connect = match crate::proxy::Endpoint::split(endpoint) {
-        Some((p, h, port)) => crate::proxy::Endpoint::new(&p, &h, port).connect,
+        Some((p, h, port)) => py.detach(|| crate::proxy::Endpoint::new(&p, &h, port).connect),
         None => endpoint.to_owned(),
     };
     let timeout = Duration::from_secs_f64(timeout.clamp(0.0, 1e6));
@@ -131,7 +131,10 @@ pub fn cli_main(py: Python<'_>, argv: Vec<String>, flavour: &str) -> PyResult<i3
     match block_on(py, &runtime()?, crate::cli::run(&cli, flavour)) {
         Ok(Ok(code)) => Ok(i32::from(code)),
         Ok(Err(e)) => {
-            eprintln!("{prog}: {e}");
+            #[allow(clippy::print_stderr)] // the CLI's error line, as `pm_cs` prints it
+            {
+                eprintln!("{prog}: {e}");
+            }
             Ok(1)
         }
         Err(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => Ok(130),

@@ -4,6 +4,9 @@
 //! [`Flavour`] keeps the one difference: the Python CLI prints the original's texts for `status` and `stop`
 //! (with its rich markup), the binary prints procman's own (with the integrations).
 
+// The command line is the edge that prints: its output is what the operator asked for.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 mod args;
 pub mod format;
 pub mod ops;

@@ -354,8 +354,7 @@ pub fn open_owned_file(path: &Path, truncate: bool) -> io::Result<File> {
             path.display()
         )));
     }
-    // SAFETY: geteuid(2) cannot fail and touches no memory.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     if m.uid() != me {
         return Err(io::Error::other(format!(
             "{} belongs to uid {}, not to us ({me}); not written",

@@ -210,6 +210,7 @@ pub fn same_process(pid: i32, start_ticks: u64) -> bool {
 /// A pidfd for `pid`, registered with the tokio reactor: it becomes readable when the process exits, which
 /// lets the supervisor watch a process that is not its child (an adopted one) without polling. Must be called
 /// inside a runtime.
+#[allow(unsafe_code)]
 pub fn pidfd_watch(pid: i32) -> io::Result<AsyncFd<OwnedFd>> {
     let fd = pidfd_open(pid)?;
     // SAFETY: `fd` is an `OwnedFd` moved into the `AsyncFd`: it stays open and names the same pidfd until the
@@ -219,6 +220,7 @@ pub fn pidfd_watch(pid: i32) -> io::Result<AsyncFd<OwnedFd>> {
 }
 
 /// Opens a pidfd for `pid` (`pidfd_open(2)`, Linux ≥ 5.3).
+#[allow(unsafe_code)]
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: `pidfd_open(2)` takes a pid and flags and returns a new file descriptor or -1; it touches no
     // memory of ours. A non-negative return value is a descriptor nobody else owns, so wrapping it in an
