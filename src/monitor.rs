@@ -67,7 +67,7 @@ impl StatusSampler {
         self.uuid
     }
 
-    /// Memory and CPU times, at most [`FIGURES_TTL`] old (USS at most [`USS_TTL`]).
+    /// Memory and CPU times, at most `FIGURES_TTL` old (USS at most `USS_TTL`).
     pub fn figures(&self) -> ProcFigures {
         let now = Instant::now();
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
