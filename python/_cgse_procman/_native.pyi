@@ -168,13 +168,13 @@ class Proxy:
         """
     def get_endpoint(self) -> str:
         """The endpoint, e.g. ``tcp://localhost:6120``."""
-    def get_commanding_port(self) -> Any:
+    def get_commanding_port(self) -> int | Failure:
         """The commanding port the server reports (an int, or a ``Failure``)."""
-    def get_monitoring_port(self) -> Any:
+    def get_monitoring_port(self) -> int | Failure:
         """The monitoring port the server reports (an int, or a ``Failure``)."""
-    def get_service_port(self) -> Any:
+    def get_service_port(self) -> int | Failure:
         """The service port the server reports (an int, or a ``Failure``)."""
-    def get_ip_address(self) -> Any:
+    def get_ip_address(self) -> str | None | Failure:
         """The server's host address (a str, None if it has none, or a ``Failure``)."""
     def get_service_proxy(self) -> ServiceProxy:
         """A ``ServiceProxy`` for the same host and the reported service port; raises the ``Failure`` on error."""
@@ -201,29 +201,29 @@ class ProcessManagerProxy(Proxy):
         port: int | None = None,
         timeout: float | None = None,
     ) -> None: ...
-    def get_core_processes(self) -> Any:
+    def get_core_processes(self) -> dict[str, str] | Failure:
         """The core CGSE services: ``{name: service type}``."""
-    def get_devices(self) -> Any:
+    def get_devices(self) -> dict[str, tuple[Any, ...]] | Failure:
         """The devices of the current Setup: ``{device name: (device, device id or None, device args)}``."""
-    def get_device_ids(self) -> Any:
+    def get_device_ids(self) -> dict[str, tuple[Any, ...]] | Failure:
         """The devices of the current Setup by id: ``{device id: (device name, device, device args)}``."""
-    def start_process(self, start_cmd: Any) -> Any:
+    def start_process(self, start_cmd: Any) -> Failure | None:
         """Start a device control server (a ``StartCommand``)."""
-    def stop_process(self, stop_cmd: Any) -> Any:
+    def stop_process(self, stop_cmd: Any) -> Failure | None:
         """Stop a device control server (a ``StopCommand``)."""
-    def get_core_service_status(self, status_cmd: Any) -> Any:
+    def get_core_service_status(self, status_cmd: Any) -> dict[str, Any] | Failure:
         """``{"core_service_name", "core_service_is_active"}`` for a ``StatusCommand``."""
-    def get_device_process_status(self, status_cmd: Any) -> Any:
+    def get_device_process_status(self, status_cmd: Any) -> dict[str, Any] | Failure:
         """``{"device_id", "cs_is_active", …}`` for a ``StatusCommand``."""
-    def list_processes(self) -> Any:
+    def list_processes(self) -> dict[str, Any] | Failure:
         """``{"seq": n, "processes": [state record, …]}``: every managed process, as of event ``seq``."""
-    def restart_process(self, process_id: Any) -> Any:
+    def restart_process(self, process_id: str) -> Failure | None:
         """Stop (if needed) and start a managed process with its current definition."""
-    def get_process_log(self, process_id: Any, lines: Any) -> Any:
+    def get_process_log(self, process_id: str, lines: int) -> list[str] | Failure:
         """The last ``lines`` lines of a managed process's output (stdout and stderr)."""
-    def reload(self) -> Any:
+    def reload(self) -> dict[str, Any] | Failure:
         """Re-read the process definitions and the Setup, apply only the differences; the plan."""
-    def get_integration_status(self) -> Any:
+    def get_integration_status(self) -> dict[str, Any] | Failure:
         """``{"registry", "setup", "storage", "processes"}``: where the integrations stand now."""
     def get_status(self) -> _ProcessManagerStatus | Failure:
         """What ``pm_cs status`` shows, as a dict (the call the CGSE documentation shows); a ``Failure`` when the
@@ -250,15 +250,27 @@ class ServiceProxy(Proxy):
         port: int | None = None,
         timeout: float = 30.0,
     ) -> None: ...
-    def set_monitoring_frequency(self, freq: Any) -> Any: ...
-    def set_hk_frequency(self, freq: Any) -> Any: ...
-    def set_logging_level(self, name: Any, level: Any) -> Any: ...
-    def quit_server(self) -> Any: ...
-    def get_process_status(self) -> Any: ...
-    def get_cs_module(self) -> Any: ...
-    def get_average_execution_times(self) -> Any: ...
-    def get_storage_mnemonic(self) -> Any: ...
-    def add_listener(self, listener: Any) -> Any: ...
-    def remove_listener(self, listener: Any) -> Any: ...
-    def get_listener_names(self) -> Any: ...
-    def register_to_storage(self) -> Any: ...
+    def set_monitoring_frequency(self, freq: float) -> float | Failure:
+        """The new monitoring period in ms (clamped to the configured range)."""
+    def set_hk_frequency(self, freq: float) -> float | Failure:
+        """The new housekeeping period in ms (clamped to the configured range)."""
+    def set_logging_level(self, name: str, level: int | str) -> str | Failure:
+        """A sentence saying what was set (``name`` ``"all"`` for every logger)."""
+    def quit_server(self) -> str | Failure:
+        """The server's acknowledgement; it shuts down after replying."""
+    def get_process_status(self) -> dict[str, Any] | Failure:
+        """The status dict (``PID``, ``Up``, ``RSS``, ``CPU%`` …) as the monitoring socket publishes it."""
+    def get_cs_module(self) -> str | Failure:
+        """The control server's module name."""
+    def get_average_execution_times(self) -> dict[str, float] | Failure:
+        """Mean time (s) of ``get_status`` and ``get_housekeeping`` so far."""
+    def get_storage_mnemonic(self) -> str | Failure:
+        """The origin under which housekeeping is stored (``PM``)."""
+    def add_listener(self, listener: dict[str, Any]) -> tuple[Any, ...] | Failure:
+        """``("ACK",)``, or ``("NACK", exception)`` when the listener is refused."""
+    def remove_listener(self, listener: dict[str, Any]) -> tuple[Any, ...] | Failure:
+        """``("ACK",)``, or ``("NACK", exception)`` when no such listener is registered."""
+    def get_listener_names(self) -> tuple[list[str]] | Failure:
+        """The registered listeners' names, as a 1-tuple like the original."""
+    def register_to_storage(self) -> tuple[Any, ...] | Failure:
+        """``("ACK",)`` once registered with the Storage Manager (or the local CSV), else ``("NACK", exception)``."""

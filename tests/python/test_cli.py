@@ -30,6 +30,7 @@ from conftest import (
 )
 from egse.procman import ProcessManagerProxy
 from egse.procman.procman_cs import render, strip_markup, wrap
+from replies import ok
 
 CLI_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "protocol" / "cli"
 
@@ -86,7 +87,7 @@ def test_stop_not_running(no_daemon: Ports) -> None:
 
 def test_status_and_stop_running(fresh_daemon: Daemon) -> None:
     with ProcessManagerProxy() as pm:
-        ip = pm.get_ip_address()
+        ip = ok(pm.get_ip_address())
     r = run_cli("status")
     assert (r.returncode, r.stdout) == (0, status_running(ip))
     r = run_cli("stop")
@@ -109,7 +110,7 @@ def test_start_bg_status_stop(no_daemon: Ports) -> None:
         assert wait_until(lambda: is_active(PORTS.commanding), 10)
         assert log_file.exists()
         with ProcessManagerProxy() as pm:
-            ip = pm.get_ip_address()
+            ip = ok(pm.get_ip_address())
         r = run_cli("status")
         assert (r.returncode, r.stdout) == (0, status_running(ip))
         again = run_cli("start-bg")

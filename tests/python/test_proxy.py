@@ -34,6 +34,7 @@ from egse.procman import (
     StopCommand,
 )
 from fakeserver import FakeServer, answering, failure_pickle, plain
+from replies import ok
 
 # The seven commands of the original, in its order, then procman's own (docs/PROCESSES.md).
 PM_COMMANDS = [
@@ -168,10 +169,10 @@ def test_process_manager_commands(daemon: Daemon) -> None:
 
 def test_get_status_answers_what_pm_cs_status_shows(daemon: Daemon) -> None:
     with ProcessManagerProxy() as pm:
-        status = pm.get_status()
+        status = ok(pm.get_status())
         assert not isinstance(status, Failure), status
-        integration = pm.get_integration_status()
-        listing = pm.list_processes()
+        integration = ok(pm.get_integration_status())
+        listing = ok(pm.list_processes())
         address = pm.get_ip_address()
     assert set(status) == {
         "hostname",
@@ -233,12 +234,12 @@ def test_service_proxy(daemon: Daemon) -> None:
         assert svc.get_commands() == SERVICE_COMMANDS
         assert svc.get_cs_module() == "egse.procman.procman_cs"
         assert svc.get_storage_mnemonic() == "PM"
-        status = svc.get_process_status()
+        status = ok(svc.get_process_status())
         assert isinstance(status["UUID"], uuid.UUID)
         assert status["PID"] == daemon.pid
         assert svc.add_listener({"name": "pytest", "proxy": ProcessManagerProxy}) == ("ACK",)
         assert svc.get_listener_names() == (["pytest"],)
-        nack = svc.add_listener({"name": "pytest"})
+        nack = ok(svc.add_listener({"name": "pytest"}))
         assert nack[0] == "NACK" and isinstance(nack[1], ValueError)
         assert svc.remove_listener({"name": "pytest"}) == ("ACK",)
         commands = svc.send("send_commands")

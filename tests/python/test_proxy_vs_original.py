@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from egse.procman import ProcessManagerProxy, ServiceProxy, StatusCommand
+from replies import ok
 
 refenv = pytest.importorskip("refenv", reason="the reference-services harness (tests/python/refenv.py) is absent")
 CgseEnv = refenv.CgseEnv
@@ -105,7 +106,7 @@ def test_the_same_answers_as_the_original_proxy(original: Any) -> None:
 def test_the_service_port_of_the_original(original: Any) -> None:
     with ServiceProxy(hostname="localhost", port=original.ports.pm_srv) as svc:
         ours = {"commands": svc.get_commands(), "module": svc.get_cs_module(), "mnemonic": svc.get_storage_mnemonic()}
-        status = svc.get_process_status()
+        status = ok(svc.get_process_status())
     theirs = original.run_json(
         "from egse.services import ServiceProxy\n"
         f"with ServiceProxy(hostname='localhost', port={original.ports.pm_srv}) as svc:\n"

@@ -22,6 +22,7 @@ import zmq
 from egse.procman import ProcessManagerProxy, StartCommand, StatusCommand, StopCommand
 from ourdaemon import OurDaemon
 from refenv import CgseEnv, free_port, in_private_netns, ping_control_server
+from replies import ok
 
 pytestmark = [pytest.mark.refenv, pytest.mark.timeout(180)]
 
@@ -86,7 +87,7 @@ def proxy(site: CgseEnv) -> ProcessManagerProxy:
 
 def processes(site: CgseEnv) -> dict[str, dict[str, Any]]:
     with proxy(site) as pm:
-        listing = pm.list_processes()
+        listing = ok(pm.list_processes())
     return {p["id"]: p for p in listing["processes"]}
 
 
@@ -181,7 +182,7 @@ def test_device_cs_from_the_original_proxy(site: CgseEnv, ours: OurDaemon) -> No
         seqs = [e["seq"] for e in events.events]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"a gap in {seqs}"
         with proxy(site) as pm:
-            assert pm.list_processes()["seq"] >= seqs[-1]
+            assert ok(pm.list_processes())["seq"] >= seqs[-1]
         stopped = site.run_json(
             "from egse.procman import ProcessManagerProxy, StopCommand\n"
             "with ProcessManagerProxy() as pm:\n"
@@ -204,11 +205,11 @@ def test_device_cs_from_our_proxy(site: CgseEnv, ours: OurDaemon) -> None:
         assert pm.start_process(StartCommand("FAKE_02", "cgse fake", [], False)) is None
     wait_for(running(site, name="FAKE_02"), what="FAKE_02 running")
     with proxy(site) as pm:
-        status = pm.get_device_process_status(StatusCommand("FAKE_02", [], "cgse fake"))
+        status = ok(pm.get_device_process_status(StatusCommand("FAKE_02", [], "cgse fake")))
         assert status["cs_is_active"] is True
         port = site.fake_ports["FAKE_02"]  # type: ignore[attr-defined]
         expected = f"fake device control server on port {port}, 0 children"
-        assert wait_for(lambda: any(expected in line for line in pm.get_process_log("FAKE_02", 5)), what="log")
+        assert wait_for(lambda: any(expected in line for line in ok(pm.get_process_log("FAKE_02", 5))), what="log")
         assert pm.stop_process(StopCommand("FAKE_02", [], "cgse fake")) is None
     wait_for(lambda: processes(site)["FAKE_02"]["state"] == "STOPPED", what="FAKE_02 stopped")
 
@@ -247,7 +248,7 @@ def test_shell_commands_are_refused(site: CgseEnv, ours: OurDaemon, cgse_cmd: st
     existed = marker.exists()
     with proxy(site) as pm:
         reply = pm.start_process(StartCommand("EVIL", cgse_cmd, [], False))
-    assert type(reply).__name__ == "Failure", reply
+    assert reply is not None and type(reply).__name__ == "Failure", reply
     assert "allowed programs: [cgse]" in reply.message
     assert "EVIL" not in processes(site)
     assert marker.exists() == existed
