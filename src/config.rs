@@ -393,7 +393,7 @@ impl PmSettings {
             return Err(s.bad(g, "DELAY", "is 0, expected a monitoring period > 0 seconds".into()));
         }
         Ok(PmSettings {
-            service_type: s.string_or(g, "SERVICE_TYPE", "pm_cs")?,
+            service_type: s.string_or(g, "SERVICE_TYPE", "PM_CS")?,
             process_name: s.string_or(g, "PROCESS_NAME", "pm_cs")?,
             protocol: s.string_or(g, "PROTOCOL", "tcp")?,
             hostname: s.string_or(g, "HOSTNAME", "localhost")?,

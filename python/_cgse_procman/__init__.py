@@ -92,15 +92,17 @@ class SettingsGroup(dict[str, Any]):
 #: The ``Process Manager Control Server`` settings, merged as the daemon merges them.
 settings = SettingsGroup(_native.load_settings().get(SETTINGS_GROUP) or {})
 
-PROCESS_NAME: str = str(settings.get("PROCESS_NAME", "pm_cs"))
-SERVICE_TYPE: str = str(settings.get("SERVICE_TYPE", "pm_cs"))
-PROTOCOL: str = str(settings.get("PROTOCOL", "tcp"))
-HOSTNAME: str = str(settings.get("HOSTNAME", "localhost"))
-COMMANDING_PORT: int = int(settings.get("COMMANDING_PORT", 0))  # 0: dynamic, found through the registry
-SERVICE_PORT: int = int(settings.get("SERVICE_PORT", 0))
-MONITORING_PORT: int = int(settings.get("MONITORING_PORT", 0))
-STORAGE_MNEMONIC: str = str(settings.get("STORAGE_MNEMONIC", "PM"))
-PROXY_TIMEOUT: float = float(settings.get("PROXY_TIMEOUT", 10.0))
+# The constants as the daemon reads them, defaults included (one source: the Rust settings reader).
+_pm = _native.process_manager_settings()
+PROCESS_NAME: str = _pm["PROCESS_NAME"]
+SERVICE_TYPE: str = _pm["SERVICE_TYPE"]
+PROTOCOL: str = _pm["PROTOCOL"]
+HOSTNAME: str = _pm["HOSTNAME"]
+COMMANDING_PORT: int = _pm["COMMANDING_PORT"]  # 0: dynamic, found through the registry
+SERVICE_PORT: int = _pm["SERVICE_PORT"]
+MONITORING_PORT: int = _pm["MONITORING_PORT"]
+STORAGE_MNEMONIC: str = _pm["STORAGE_MNEMONIC"]
+PROXY_TIMEOUT: float = _pm["PROXY_TIMEOUT"]
 
 
 def is_process_manager_active(timeout: float = 0.5) -> bool:

@@ -23,6 +23,7 @@ __all__ = [
     "is_control_server_active",
     "is_process_manager_active",
     "load_settings",
+    "process_manager_settings",
     "log_location",
     "render_markup",
     "serve",
@@ -60,6 +61,22 @@ def serve(settings_path: str | PathLike[str] | None = None) -> int:
 
 def load_settings(settings_path: str | PathLike[str] | None = None) -> dict[str, Any]:
     """The merged settings as ``{group: {key: value}}``: the embedded defaults, then the local settings file."""
+
+class _ProcessManagerSettings(TypedDict):
+    PROCESS_NAME: str
+    SERVICE_TYPE: str
+    PROTOCOL: str
+    HOSTNAME: str
+    COMMANDING_PORT: int
+    SERVICE_PORT: int
+    MONITORING_PORT: int
+    STORAGE_MNEMONIC: str
+    DELAY: float
+    PROXY_TIMEOUT: float
+
+def process_manager_settings(settings_path: str | PathLike[str] | None = None) -> _ProcessManagerSettings:
+    """The ``Process Manager Control Server`` group as the daemon reads it, defaults applied (the source of
+    ``egse.procman``'s constants); raises ``ValueError`` for a value the daemon would refuse."""
 
 def log_location(settings_path: str | PathLike[str] | None = None) -> Path:
     """The directory the daemon logs to: ``<PROJECT>_LOG_FILE_LOCATION``, else

@@ -22,6 +22,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<convert::RemoteObject>()?;
     m.add_function(wrap_pyfunction!(serve::serve, m)?)?;
     m.add_function(wrap_pyfunction!(serve::load_settings, m)?)?;
+    m.add_function(wrap_pyfunction!(serve::process_manager_settings, m)?)?;
     m.add_function(wrap_pyfunction!(serve::log_location, m)?)?;
     m.add_function(wrap_pyfunction!(serve::is_process_manager_active, m)?)?;
     m.add_function(wrap_pyfunction!(serve::is_control_server_active, m)?)?;

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use tokio_util::sync::CancellationToken;
 
 use super::errors::{cli_error, config_error};
 use super::proxy::{block_on, runtime, SLICE};
-use crate::config::{Env, Settings};
+use crate::config::{Env, PmSettings, Settings};
 use crate::daemon::DaemonConfig;
 
 /// Run the Process Manager daemon in the foreground until SIGTERM, SIGHUP, SIGQUIT, `quit_server`, or
@@ -73,6 +74,27 @@ pub fn serve(py: Python<'_>, settings_path: Option<PathBuf>) -> PyResult<i32> {
 pub fn load_settings(py: Python<'_>, settings_path: Option<PathBuf>) -> PyResult<Bound<'_, PyAny>> {
     let settings = Settings::load(settings_path.as_deref(), &Env::from_process()).map_err(config_error)?;
     pythonize::pythonize(py, settings.groups()).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// The `Process Manager Control Server` group as the daemon reads it, its defaults applied: the one source of
+/// `egse.procman`'s constants (`COMMANDING_PORT`, `SERVICE_TYPE`, …), so Python and Rust cannot disagree.
+#[pyfunction]
+#[pyo3(signature = (settings_path = None))]
+pub fn process_manager_settings(py: Python<'_>, settings_path: Option<PathBuf>) -> PyResult<Bound<'_, PyDict>> {
+    let settings = Settings::load(settings_path.as_deref(), &Env::from_process()).map_err(config_error)?;
+    let pm = PmSettings::from_settings(&settings).map_err(config_error)?;
+    let d = PyDict::new(py);
+    d.set_item("PROCESS_NAME", pm.process_name)?;
+    d.set_item("SERVICE_TYPE", pm.service_type)?;
+    d.set_item("PROTOCOL", pm.protocol)?;
+    d.set_item("HOSTNAME", pm.hostname)?;
+    d.set_item("COMMANDING_PORT", pm.commanding_port)?;
+    d.set_item("SERVICE_PORT", pm.service_port)?;
+    d.set_item("MONITORING_PORT", pm.monitoring_port)?;
+    d.set_item("STORAGE_MNEMONIC", pm.storage_mnemonic)?;
+    d.set_item("DELAY", pm.monitoring_delay.as_secs_f64())?;
+    d.set_item("PROXY_TIMEOUT", pm.proxy_timeout.as_secs_f64())?;
+    Ok(d)
 }
 
 /// Where the daemon writes logs: `<PROJECT>_LOG_FILE_LOCATION`, else `<data storage location>/log`,
