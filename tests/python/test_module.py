@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import subprocess
@@ -94,6 +95,34 @@ def test_get_status_running(fresh_daemon: Daemon) -> None:
     )
     assert procman.is_process_manager_active()
     assert procman.is_process_manager_active(timeout=0.1)
+
+
+def _stub_methods(cls: str) -> set[str]:
+    tree = ast.parse((ROOT / "python" / "_cgse_procman" / "_native.pyi").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            return {n.name for n in node.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+    raise AssertionError(f"no class {cls} in the stubs")
+
+
+def _placeholders(cls: type) -> set[str]:
+    return {name for name, v in vars(cls).items() if not name.startswith("_") and callable(v)}
+
+
+def test_command_names_agree_everywhere(fresh_daemon: Daemon) -> None:
+    """``settings/commands.yaml`` (what the daemon announces) is the source; the native classes' placeholder
+    methods (what a proxy has before it loads the commands) and the stubs list exactly those names."""
+    with procman.ProcessManagerProxy() as pm:
+        commanding = set(pm.get_commands())
+        svc = pm.get_service_proxy()
+    with svc:
+        service = set(svc.get_commands())
+    assert commanding and service
+    # get_status is ours, answered from two commands on the client side (not a command of the server).
+    assert _placeholders(_native.ProcessManagerProxy) - {"get_status"} == commanding
+    assert _stub_methods("ProcessManagerProxy") - {"get_status"} == commanding
+    assert _placeholders(_native.ServiceProxy) == service
+    assert _stub_methods("ServiceProxy") == service
 
 
 def test_get_status_not_running(no_daemon: object) -> None:
