@@ -512,11 +512,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::UNIX_EPOCH;
 
-    use bytes::Bytes;
-    use tokio::task::JoinHandle;
-    use zeromq::{SocketRecv, SocketSend, ZmqMessage};
-
-    use crate::codec::{self, Limits};
+    use crate::cgse::testing::{free_port, ScriptedServer};
 
     /// What the fake Storage Manager does with a request.
     #[derive(Clone, Copy, PartialEq, Debug)]
@@ -541,9 +537,10 @@ mod tests {
         log: Vec<String>,
     }
 
+    /// A Storage Manager on the shared scripted server: it acts by [`Script`] and logs the command names.
     struct FakeSm {
         script: Arc<Mutex<Script>>,
-        task: JoinHandle<()>,
+        server: ScriptedServer,
     }
 
     fn success(msg: &str) -> Value {
@@ -554,70 +551,63 @@ mod tests {
         )
     }
 
+    /// The command name and first argument of a request (`"Ping"` or a `CommandExecution`).
+    fn command_of(req: &Value) -> (String, Value) {
+        match req {
+            Value::Str(s) => (s.clone(), Value::None),
+            Value::Object(o) => {
+                let cmd = o.attr("_cmd").and_then(Value::as_object).unwrap();
+                let name = cmd.attr("_name").and_then(Value::as_str).unwrap().to_owned();
+                let Some(Value::Tuple(args)) = o.attr("_args") else {
+                    panic!("no _args in {o:?}")
+                };
+                (name, args[0].clone())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     impl FakeSm {
-        async fn start(port: u16, local: Arc<LocalCsv>, script: Script) -> FakeSm {
-            let (mut router, _) = transport::bind_router("tcp", "127.0.0.1", port, "sm").await.unwrap();
+        /// Serve on `port` (0 = a free one, kept bound by the server).
+        async fn start(port: u16, local: LocalCsv, script: Script) -> FakeSm {
             let script = Arc::new(Mutex::new(script));
             let s = script.clone();
-            let saves = Arc::new(AtomicUsize::new(0));
-            let task = tokio::spawn(async move {
-                while let Ok(m) = router.recv().await {
-                    let mut f = m.into_vec();
-                    let req = codec::decode(f.last().unwrap(), &Limits::default()).unwrap();
-                    let (name, arg) = match &req {
-                        Value::Str(s) => (s.clone(), Value::None),
-                        Value::Object(o) => {
-                            let cmd = o.attr("_cmd").and_then(Value::as_object).unwrap();
-                            let name = cmd.attr("_name").and_then(Value::as_str).unwrap().to_owned();
-                            let Some(Value::Tuple(args)) = o.attr("_args") else {
-                                panic!()
-                            };
-                            (name, args[0].clone())
-                        }
-                        other => panic!("{other:?}"),
-                    };
-                    let reply = {
-                        let mut sc = s.lock().unwrap();
-                        sc.log.push(name.clone());
-                        match name.as_str() {
-                            "Ping" => Some(Value::str("Pong")),
-                            "register" if sc.registered_already => {
-                                sc.registered_already = false;
-                                Some(success("PM is already registered."))
-                            }
-                            "register" => Some(success("Storage successfully registered PM")),
-                            "unregister" => Some(success("Storage successfully unregistered PM")),
-                            "save" => {
-                                let n = saves.fetch_add(1, Ordering::SeqCst);
-                                let act = sc.saves.get(n).copied().unwrap_or(Act::Normal);
-                                let record = record_of(&arg);
-                                match act {
-                                    Act::Normal => {
-                                        local.append(&record).unwrap();
-                                        Some(success("Storage successfully saved the data for PM."))
-                                    }
-                                    Act::StoreSilently => {
-                                        local.append(&record).unwrap();
-                                        None
-                                    }
-                                    Act::Drop => None,
-                                    Act::Forgot => Some(crate::protocol::failure(
-                                        "Storage could not find a registration for PM, no data saved.",
-                                    )),
-                                    Act::Refuse => Some(crate::protocol::failure("disk full")),
-                                }
-                            }
-                            other => panic!("unexpected {other}"),
-                        }
-                    };
-                    if let Some(r) = reply {
-                        f.pop();
-                        f.push(Bytes::from(codec::encode(&r)));
-                        let _ = router.send(ZmqMessage::try_from(f).unwrap()).await;
+            let saves = AtomicUsize::new(0);
+            let server = ScriptedServer::start(port, move |req| {
+                let (name, arg) = command_of(req);
+                let mut sc = s.lock().unwrap();
+                sc.log.push(name.clone());
+                match name.as_str() {
+                    "Ping" => Some(Value::str("Pong")),
+                    "register" if sc.registered_already => {
+                        sc.registered_already = false;
+                        Some(success("PM is already registered."))
                     }
+                    "register" => Some(success("Storage successfully registered PM")),
+                    "unregister" => Some(success("Storage successfully unregistered PM")),
+                    "save" => {
+                        let n = saves.fetch_add(1, Ordering::SeqCst);
+                        match sc.saves.get(n).copied().unwrap_or(Act::Normal) {
+                            Act::Normal => {
+                                local.append(&record_of(&arg)).unwrap();
+                                Some(success("Storage successfully saved the data for PM."))
+                            }
+                            Act::StoreSilently => {
+                                local.append(&record_of(&arg)).unwrap();
+                                None
+                            }
+                            Act::Drop => None,
+                            Act::Forgot => Some(crate::protocol::failure(
+                                "Storage could not find a registration for PM, no data saved.",
+                            )),
+                            Act::Refuse => Some(crate::protocol::failure("disk full")),
+                        }
+                    }
+                    other => panic!("unexpected {other}"),
                 }
-            });
-            FakeSm { script, task }
+            })
+            .await;
+            FakeSm { script, server }
         }
 
         fn log(&self) -> Vec<String> {
@@ -660,17 +650,20 @@ mod tests {
         }
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+    fn temp_dir() -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("procman-sm-{}", uuid::Uuid::new_v4()))
     }
 
-    fn setup(port: u16) -> (StorageManagerSink, Arc<LocalCsv>, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("procman-sm-{}", uuid::Uuid::new_v4()));
-        let local = || LocalCsv::new(dir.clone(), "LAB42".into(), "PM".into());
+    fn local_csv(dir: &std::path::Path) -> LocalCsv {
+        LocalCsv::new(dir.to_owned(), "LAB42".into(), "PM".into())
+    }
+
+    /// Our sink, talking to a Storage Manager on `port`, failing over to the daily file under `dir`.
+    fn sink(port: u16, dir: &std::path::Path) -> StorageManagerSink {
+        sink_with_timeout(port, dir, Duration::from_millis(300))
+    }
+
+    fn sink_with_timeout(port: u16, dir: &std::path::Path, timeout: Duration) -> StorageManagerSink {
         let config = StorageManagerConfig {
             sm: PeerSettings {
                 service_type: "SM_CS".into(),
@@ -683,12 +676,19 @@ mod tests {
                 publisher_port: 1,
                 heartbeat_port: 1,
             },
-            registry_timeout: Duration::from_millis(200),
-            timeout: Duration::from_millis(300),
-            connect_timeout: Duration::from_millis(200),
+            registry_timeout: timeout,
+            timeout,
+            connect_timeout: timeout,
             origin: "PM".into(),
         };
-        (StorageManagerSink::new(config, local()), Arc::new(local()), dir)
+        StorageManagerSink::new(config, local_csv(dir))
+    }
+
+    /// A fake Storage Manager running `script` on a port of its own, and our sink talking to it.
+    async fn scripted(script: Script) -> (StorageManagerSink, FakeSm, std::path::PathBuf) {
+        let dir = temp_dir();
+        let sm = FakeSm::start(0, local_csv(&dir), script).await;
+        (sink(sm.server.port, &dir), sm, dir)
     }
 
     fn rows(dir: &std::path::Path) -> Vec<String> {
@@ -706,16 +706,10 @@ mod tests {
 
     #[tokio::test]
     async fn stores_through_the_sm_and_registers_again_after_its_restart() {
-        let port = free_port();
-        let (sink, local, dir) = setup(port);
-        let sm = FakeSm::start(
-            port,
-            local,
-            Script {
-                saves: vec![Act::Normal, Act::Forgot],
-                ..Default::default()
-            },
-        )
+        let (sink, sm, dir) = scripted(Script {
+            saves: vec![Act::Normal, Act::Forgot],
+            ..Default::default()
+        })
         .await;
         sink.save(record(0)).await.unwrap();
         sink.save(record(1)).await.unwrap();
@@ -725,46 +719,47 @@ mod tests {
         assert!(sink.describe().starts_with("Storage Manager"), "{}", sink.describe());
         sink.shutdown().await;
         assert_eq!(sm.log().last().unwrap(), "unregister");
-        sm.task.abort();
+        sm.server.stop();
         std::fs::remove_dir_all(dir).ok();
     }
 
     #[tokio::test]
     async fn fails_over_to_the_daily_file_at_once_and_back() {
+        // Nothing listens on the port yet. With timeouts of a minute, a sink that waited for one instead of
+        // failing over when the connection is refused would take minutes here.
         let port = free_port();
-        let (sink, local, dir) = setup(port);
+        let dir = temp_dir();
+        let sink = sink_with_timeout(port, &dir, Duration::from_secs(60));
         let t0 = std::time::Instant::now();
         sink.save(record(0)).await.unwrap();
         sink.save(record(1)).await.unwrap();
-        assert!(t0.elapsed() < Duration::from_millis(150), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "waited out a timeout: {:?}",
+            t0.elapsed()
+        );
         let text = std::fs::read_to_string(daily(&dir)).unwrap();
         assert!(text.starts_with("timestamp,n\r\n"), "{text}");
         assert!(sink.describe().starts_with("local CSV"), "{}", sink.describe());
         let refused = sink.register(vec!["timestamp".into(), "n".into()]).await.unwrap_err();
         assert!(refused.contains("local CSV"), "{refused}");
         // The SM appears: the next record goes to it (registered first), nothing twice.
-        let sm = FakeSm::start(port, local, Script::default()).await;
+        let sm = FakeSm::start(port, local_csv(&dir), Script::default()).await;
         sink.save(record(2)).await.unwrap();
         assert_eq!(sm.log(), ["register", "save"]);
         let r = rows(&dir);
         assert_eq!(r.len(), 3);
         assert!(r[2].contains(&crate::util::format_datetime(record(2).when)));
-        sm.task.abort();
+        sm.server.stop();
         std::fs::remove_dir_all(dir).ok();
     }
 
     #[tokio::test]
     async fn a_record_stored_without_answer_is_not_written_again() {
-        let port = free_port();
-        let (sink, local, dir) = setup(port);
-        let sm = FakeSm::start(
-            port,
-            local,
-            Script {
-                saves: vec![Act::StoreSilently],
-                ..Default::default()
-            },
-        )
+        let (sink, sm, dir) = scripted(Script {
+            saves: vec![Act::StoreSilently],
+            ..Default::default()
+        })
         .await;
         sink.save(record(0)).await.unwrap();
         assert_eq!(sink.in_doubt().await, 1);
@@ -773,22 +768,16 @@ mod tests {
         // Found in the file: neither sent again nor written locally.
         assert_eq!(sm.log(), ["register", "save", "save"]);
         assert_eq!(rows(&dir).len(), 2);
-        sm.task.abort();
+        sm.server.stop();
         std::fs::remove_dir_all(dir).ok();
     }
 
     #[tokio::test]
     async fn a_record_lost_without_answer_is_sent_again_once_the_sm_answers() {
-        let port = free_port();
-        let (sink, local, dir) = setup(port);
-        let sm = FakeSm::start(
-            port,
-            local,
-            Script {
-                saves: vec![Act::Drop],
-                ..Default::default()
-            },
-        )
+        let (sink, sm, dir) = scripted(Script {
+            saves: vec![Act::Drop],
+            ..Default::default()
+        })
         .await;
         sink.save(record(0)).await.unwrap();
         assert_eq!(sink.in_doubt().await, 1);
@@ -798,25 +787,19 @@ mod tests {
         let r = rows(&dir);
         assert_eq!(r.len(), 2);
         assert!(r[0].contains(&crate::util::format_datetime(record(0).when)));
-        sm.task.abort();
+        sm.server.stop();
         std::fs::remove_dir_all(dir).ok();
     }
 
     #[tokio::test]
     async fn at_shutdown_a_record_in_doubt_that_is_not_in_the_file_is_written_locally() {
-        let port = free_port();
-        let (sink, local, dir) = setup(port);
-        let sm = FakeSm::start(
-            port,
-            local,
-            Script {
-                saves: vec![Act::Drop],
-                ..Default::default()
-            },
-        )
+        let (sink, sm, dir) = scripted(Script {
+            saves: vec![Act::Drop],
+            ..Default::default()
+        })
         .await;
         sink.save(record(0)).await.unwrap();
-        sm.task.abort();
+        sm.server.stop();
         tokio::time::sleep(Duration::from_millis(50)).await;
         sink.shutdown().await;
         assert_eq!(rows(&dir).len(), 1);
@@ -825,23 +808,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_save_goes_local_and_a_stale_registration_is_replaced() {
-        let port = free_port();
-        let (sink, local, dir) = setup(port);
-        let sm = FakeSm::start(
-            port,
-            local,
-            Script {
-                saves: vec![Act::Refuse],
-                registered_already: true,
-                ..Default::default()
-            },
-        )
+        let (sink, sm, dir) = scripted(Script {
+            saves: vec![Act::Refuse],
+            registered_already: true,
+            ..Default::default()
+        })
         .await;
         sink.save(record(0)).await.unwrap();
         assert_eq!(sm.log(), ["register", "unregister", "register", "save"]);
         assert_eq!(rows(&dir).len(), 1, "refused by the SM: written by us");
         assert_eq!(sink.in_doubt().await, 0);
-        sm.task.abort();
+        sm.server.stop();
         std::fs::remove_dir_all(dir).ok();
     }
 
