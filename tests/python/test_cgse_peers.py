@@ -11,38 +11,19 @@ Runs inside a private network namespace (``scripts/in-netns.sh``) with the refer
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import refenv
+from gate import refenv_marks, wait_for
 from ourdaemon import OurDaemon, pm_cs_binary
 from refenv import CgseEnv, RefEnvError
 
-REQUIRE = os.environ.get("CI") == "true" or os.environ.get("PROCMAN_REQUIRE_REF") == "1"
-
-
-def _unavailable_reason() -> str | None:
-    try:
-        refenv.ref_python()
-        pm_cs_binary()
-    except (RefEnvError, RuntimeError) as exc:
-        return str(exc)
-    if not refenv.in_private_netns():
-        return "not inside a private network namespace with only lo: run through scripts/in-netns.sh"
-    return None
-
-
-REASON = _unavailable_reason()
-if REASON and REQUIRE:
-    pytest.fail(f"reference environment required but unavailable: {REASON}", pytrace=False)
-
-pytestmark = [pytest.mark.refenv, pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+pytestmark = refenv_marks(slow=True)
 
 # log_cs's file format: "{asctime} [{levelname:>8s}] [{processName:>12s}] {message} ({name}:{process}:
 # {package_name}:{filename}:{lineno:d})", asctime as YYYY-MM-DDTHH:MM:SS.mmm.
@@ -50,17 +31,6 @@ LINE = re.compile(
     r"^(?P<asctime>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}) \[(?P<level>[ A-Z]{8,})\] \[(?P<process_name>[^\]]{12,})\] "
     r"(?P<message>.*) \((?P<name>[^:()]+):(?P<pid>\d+):(?P<package>[^:()]+):(?P<file>[^:()]+):(?P<line>\d+)\)$"
 )
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def our_status(site: CgseEnv) -> str:

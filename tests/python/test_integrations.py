@@ -15,40 +15,22 @@ from __future__ import annotations
 import calendar
 import contextlib
 import itertools
-import os
 import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import refenv
 import zmq
+from gate import refenv_marks, wait_for
 from ourdaemon import OurDaemon, pm_cs_binary
-from refenv import CgseEnv, RefEnvError, canonical, ping_control_server
+from refenv import CgseEnv, canonical, ping_control_server
 
-REQUIRE = os.environ.get("CI") == "true" or os.environ.get("PROCMAN_REQUIRE_REF") == "1"
-
-
-def _unavailable_reason() -> str | None:
-    try:
-        refenv.ref_python()
-        pm_cs_binary()
-    except (RefEnvError, RuntimeError) as exc:
-        return str(exc)
-    if not refenv.in_private_netns():
-        return "not inside a private network namespace with only lo: run through scripts/in-netns.sh"
-    return None
-
-
-REASON = _unavailable_reason()
-if REASON and REQUIRE:
-    pytest.fail(f"reference environment required but unavailable: {REASON}", pytrace=False)
-
-pytestmark = [pytest.mark.refenv, pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+pytestmark = refenv_marks(slow=True)
 
 TIMESTAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0000$")
 OUR_COLUMNS = b"timestamp,processes,running,starting,backoff,stopping,stopped,exited,fatal,restarts,rss,cpu_percent\r\n"
@@ -132,17 +114,6 @@ class Ours(OurDaemon):
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(5)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(interval)
 
 
 def our_cli(site: CgseEnv, *args: str) -> subprocess.CompletedProcess[str]:

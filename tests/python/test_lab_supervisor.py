@@ -14,12 +14,13 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
+from gate import wait_for
 from ourdaemon import REPO, OurDaemon, pm_cs_binary
 from refenv import CgseEnv, in_private_netns, ref_python
 from wireclient import dict_cmd, loads, request
@@ -46,17 +47,6 @@ def lab_table(env: CgseEnv) -> str:
     assert "\npython: python3\n" in text and "tcp: {port: 6100}" in text
     text = text.replace("\npython: python3\n", f"\npython: {ref_python()}\n")
     return text.replace("tcp: {port: 6100}", f"tcp: {{port: {env.ports.registry_req}}}")
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 class EventLog:
@@ -139,12 +129,12 @@ def test_the_core_comes_up_in_order_and_a_killed_storage_manager_is_registered_a
     lab: tuple[CgseEnv, OurDaemon, EventLog, set[int]],
 ) -> None:
     env, daemon, events, seen = lab
-    procs = wait_for("the core RUNNING", lambda: all_running(env, seen), timeout=120, interval=0.2)
+    procs = wait_for(lambda: all_running(env, seen), what="the core RUNNING", timeout=120, interval=0.2)
     for dependency, dependent in EDGES:
         assert events.first(dependency, "RUNNING") < events.first(dependent, "STARTING"), (dependency, dependent)
     # The daemon registered itself once the registry it runs was ready.
-    wait_for("PM_CS registered", lambda: env.registry_record("PM_CS"), timeout=10)
-    first = wait_for("SM_CS registered", lambda: env.registry_record("SM_CS"), timeout=30)
+    wait_for(lambda: env.registry_record("PM_CS"), what="PM_CS registered", timeout=10)
+    first = wait_for(lambda: env.registry_record("SM_CS"), what="SM_CS registered", timeout=30)
     assert procs["Storage Manager"]["definition"]["readiness"] == "registry SM_CS"
 
     old_pid = procs["Storage Manager"]["pid"]
@@ -160,7 +150,7 @@ def test_the_core_comes_up_in_order_and_a_killed_storage_manager_is_registered_a
         record = env.registry_record("SM_CS", timeout=0.3)
         return record if record and record["id"] != first["id"] else None
 
-    record = wait_for("the Storage Manager RUNNING and registered again", registered_again, timeout=60)
+    record = wait_for(registered_again, what="the Storage Manager RUNNING and registered again", timeout=60)
     took = time.monotonic() - t0
     print(f"\nStorage Manager kill -9 → RUNNING and registered again in {took:.2f} s")
     assert took < 30, took  # target < 5 s (measured); generous here
@@ -178,7 +168,7 @@ def test_the_core_comes_up_in_order_and_a_killed_storage_manager_is_registered_a
         grown = csv.exists() and len(csv.read_text().splitlines()) >= lines_then + 2
         return grown and "Storage Manager (origin" in status
 
-    wait_for("housekeeping through the Storage Manager", via_sm_and_growing, timeout=30, interval=0.2)
+    wait_for(via_sm_and_growing, what="housekeeping through the Storage Manager", timeout=30, interval=0.2)
 
 
 def test_a_cycle_is_refused_at_start(tmp_path: Path) -> None:

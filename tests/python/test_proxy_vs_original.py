@@ -14,7 +14,6 @@ Skipped without the reference venv or outside a private namespace; failing inste
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,29 +21,13 @@ from typing import Any
 
 import pytest
 from egse.procman import ProcessManagerProxy, ServiceProxy, StatusCommand
+from gate import refenv_marks
 from replies import ok
 
 refenv = pytest.importorskip("refenv", reason="the reference-services harness (tests/python/refenv.py) is absent")
 CgseEnv = refenv.CgseEnv
 
-REQUIRE = os.environ.get("CI") == "true" or os.environ.get("PROCMAN_REQUIRE_REF") == "1"
-
-
-def _unavailable_reason() -> str | None:
-    try:
-        refenv.ref_python()
-    except refenv.RefEnvError as exc:
-        return str(exc)
-    if not refenv.in_private_netns():
-        return "not inside a private network namespace with only lo"
-    return None
-
-
-REASON = _unavailable_reason()
-if REASON and REQUIRE:
-    pytest.fail(f"reference environment required but unavailable: {REASON}", pytrace=False)
-
-pytestmark = [pytest.mark.refenv, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+pytestmark = refenv_marks(ours=False)
 
 # What both proxies are asked, as one snippet of the original's API (ours is the same API).
 QUESTIONS = """

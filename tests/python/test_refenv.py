@@ -10,7 +10,6 @@ or ``PROCMAN_REQUIRE_REF=1``.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -19,27 +18,10 @@ from typing import Any
 
 import pytest
 import refenv
-from refenv import CgseEnv, RefEnvError, RefRunError, ServiceNotReady, canonical, to_tagged
+from gate import refenv_marks
+from refenv import CgseEnv, RefRunError, ServiceNotReady, canonical, to_tagged
 
-REQUIRE = os.environ.get("CI") == "true" or os.environ.get("PROCMAN_REQUIRE_REF") == "1"
-
-
-def _unavailable_reason() -> str | None:
-    try:
-        refenv.ref_python()
-    except RefEnvError as exc:
-        return str(exc)
-    if not refenv.in_private_netns():
-        return "not inside a private network namespace with only lo: run through scripts/in-netns.sh"
-    return None
-
-
-REASON = _unavailable_reason()
-if REASON and REQUIRE:
-    pytest.fail(f"reference environment required but unavailable: {REASON}", pytrace=False)
-
-needs_ref = pytest.mark.skipif(REASON is not None, reason=REASON or "")
-pytestmark = [pytest.mark.refenv, needs_ref]
+pytestmark = refenv_marks(ours=False)
 
 # The original results for the example setup, as Python values: tuples vs lists matter.
 EXPECTED_DEVICES = {
