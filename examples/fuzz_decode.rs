@@ -13,69 +13,18 @@
 //! decode whose peak of live heap bytes exceeds [`memory_bound`], measured by a counting global
 //! allocator. Before fuzzing, large inputs of the worst shapes for the arena (one node per input
 //! byte) are decoded once to show that the per-byte factor of the bound holds.
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use procman::codec::{decode, encode, CodecError, Limits};
 
-// --- counting allocator ------------------------------------------------------------------------------
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-/// `System`, counting live bytes and their high-water mark.
-struct Counting;
-
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the counters are
-// plain atomics and never influence the allocation itself.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded contract of `GlobalAlloc::alloc`.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded contract of `GlobalAlloc::alloc_zeroed`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded contract of `GlobalAlloc::dealloc`.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded contract of `GlobalAlloc::realloc`.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            // Counted as the size change: large blocks are moved with mremap, not copied.
-            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-            grow(new_size);
-        }
-        p
-    }
-}
-
-fn grow(size: usize) {
-    let live = LIVE.fetch_add(size, Ordering::Relaxed) + size;
-    PEAK.fetch_max(live, Ordering::Relaxed);
-}
+// The counting allocator of the tests: live heap bytes and their high-water mark.
+#[path = "../tests/support/counting_alloc.rs"]
+mod counting_alloc;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: counting_alloc::Counting = counting_alloc::Counting;
 
 // --- limits and bounds -------------------------------------------------------------------------------
 
@@ -319,12 +268,11 @@ struct Outcome {
 }
 
 fn run_one(input: &[u8], limits: &Limits) -> Result<Outcome, String> {
-    let baseline = LIVE.load(Ordering::Relaxed);
-    PEAK.store(baseline, Ordering::Relaxed);
+    let baseline = counting_alloc::reset_peak();
     let start = Instant::now();
     let caught = std::panic::catch_unwind(|| decode(input, limits).map(drop));
     let elapsed = start.elapsed();
-    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(baseline);
+    let peak = counting_alloc::peak().saturating_sub(baseline);
     match caught {
         Ok(result) => Ok(Outcome { result, elapsed, peak }),
         Err(payload) => {

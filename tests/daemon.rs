@@ -12,6 +12,8 @@ use procman::logging::RecordingLogControl;
 use procman::protocol::{failure_message, load_tables};
 use zeromq::{Socket, SocketRecv};
 
+mod support;
+
 const T: Duration = Duration::from_secs(5);
 
 /// No CGSE peers in these tests: their ports point at port 1 on loopback, where nothing listens, so the
@@ -516,26 +518,7 @@ async fn state_changing_commands_need_control_allow() {
 
 /// One raw ZMTP 3.0 DEALER (or SUB) connection: greeting and READY done.
 fn zmtp_connect(port: u16, socket_type: &[u8]) -> std::net::TcpStream {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut g = [0u8; 64];
-    g[0] = 0xff;
-    g[9] = 0x7f;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    s.write_all(&g).unwrap();
-    let mut ready = vec![0x05];
-    ready.extend(b"READY");
-    ready.push(11);
-    ready.extend(b"Socket-Type");
-    ready.extend((socket_type.len() as u32).to_be_bytes());
-    ready.extend(socket_type);
-    s.write_all(&[0x04, ready.len() as u8]).unwrap();
-    s.write_all(&ready).unwrap();
-    let mut back = [0u8; 64];
-    s.read_exact(&mut back).unwrap();
-    s
+    support::zmtp::connect(port, socket_type).unwrap()
 }
 
 /// Issue 13, finding 4: a DEALER that pipelines requests and never reads the replies is disconnected

@@ -7,65 +7,21 @@
 //! subscribers that never read (and one that does, to know when the fan-out is done). With the bound
 //! (100 messages each) the heap may grow by a few MB; without it, it kept every message (40+ MB).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-struct Counting;
-
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the counter is a plain
-// atomic and never influences the allocation itself.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded contract of `GlobalAlloc::alloc`.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded contract of `GlobalAlloc::dealloc`.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded contract of `GlobalAlloc::realloc`.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-}
+mod support;
+use support::{counting_alloc, zmtp};
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
 
-/// A raw ZMTP 3.0 SUB peer (NULL mechanism) subscribed to everything, which then never reads.
+/// A raw ZMTP 3.0 SUB peer subscribed to everything, which then never reads.
 fn silent_subscriber(port: u16) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut g = [0u8; 64];
-    g[0] = 0xff;
-    g[9] = 0x7f;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    s.write_all(&g).unwrap();
-    let body = b"\x05READY\x0bSocket-Type\x00\x00\x00\x03SUB";
-    s.write_all(&[0x04, body.len() as u8]).unwrap();
-    s.write_all(body).unwrap();
-    let mut peer = [0u8; 64];
-    s.read_exact(&mut peer).unwrap();
+    let mut s = zmtp::connect(port, b"SUB").unwrap();
     // SUBSCRIBE to "" (ZMTP 3.0: a message whose body is 0x01 + topic).
     s.write_all(&[0x00, 0x01, 0x01]).unwrap();
     s
@@ -98,7 +54,7 @@ fn a_subscriber_that_never_reads_holds_at_most_its_bound() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(50), reader.recv()).await {}
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = counting_alloc::live() as isize;
         for i in 0u32..20_000 {
             let mut payload = vec![b'x'; 2048];
             payload[..4].copy_from_slice(&i.to_be_bytes());
@@ -119,7 +75,7 @@ fn a_subscriber_that_never_reads_holds_at_most_its_bound() {
             }
             assert!(Instant::now() < deadline, "the reader never saw the end marker");
         }
-        let growth = LIVE.load(Ordering::Relaxed) - before;
+        let growth = counting_alloc::live() as isize - before;
         println!("live heap growth with 20 silent subscribers after 20,000 x 2 KB messages: {growth} B");
         assert!(growth < 10 << 20, "{growth} bytes held for subscribers that never read");
         drop(silent);

@@ -6,67 +6,21 @@
 //! against a ROUTER; their floor must not rise by more than 150 KiB over 5,500 cycles (the leak raised it by
 //! ~400 KiB).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use zeromq::{SocketRecv, SocketSend};
 
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-struct Counting;
-
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the counter is a plain
-// atomic and never influences the allocation itself.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded contract of `GlobalAlloc::alloc`.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded contract of `GlobalAlloc::dealloc`.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded contract of `GlobalAlloc::realloc`.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-}
+mod support;
+use support::{counting_alloc, zmtp};
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
 
 /// One ZMTP 3.0 REQ peer (NULL mechanism): greeting, READY, one request, its reply, close.
 fn cycle(port: u16) -> std::io::Result<()> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_nodelay(true)?;
-    let mut g = [0u8; 64];
-    g[0] = 0xff;
-    g[9] = 0x7f;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    s.write_all(&g)?;
-    let body = b"\x05READY\x0bSocket-Type\x00\x00\x00\x03REQ";
-    s.write_all(&[0x04, body.len() as u8])?;
-    s.write_all(body)?;
+    let mut s = zmtp::connect(port, b"REQ")?;
     s.write_all(b"\x01\x00\x00\x04ping")?;
-    let mut peer = [0u8; 64];
-    s.read_exact(&mut peer)?;
     // The peer's READY command, then the reply [b"", b"ping"]: read until the last frame.
     loop {
         let mut head = [0u8; 2];
@@ -100,7 +54,7 @@ fn router_connections_leave_nothing_behind() {
     });
     let settle = || {
         std::thread::sleep(Duration::from_millis(300));
-        LIVE.load(Ordering::Relaxed)
+        counting_alloc::live() as isize
     };
     for _ in 0..500 {
         cycle(port).expect("a reply");

@@ -10,3 +10,6 @@ pub fn fixtures_root() -> PathBuf {
     assert!(dir.is_dir(), "fixtures missing: {}", dir.display());
     dir
 }
+
+pub mod counting_alloc;
+pub mod zmtp;
