@@ -9,18 +9,16 @@
 #![allow(clippy::zombie_processes)]
 mod supervisor_util;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use procman::cgse::storage::{daily_file, HkRecord, HkValue, LocalCsv};
 use procman::supervisor::{install_reaper, sys, ProcessState, RestartPolicy, ID_ENV, OWNER_ENV, STATE_FILE};
-use supervisor_util::{config, def, eventually, Harness, KillGuard, TempDir};
+use supervisor_util::{config, def, eventually, spawn_helper, Harness, KillGuard, TempDir};
 
 const T: Duration = Duration::from_secs(15);
 const HELPER_ENV: &str = "HARDENING_HELPER_DIR";
@@ -157,29 +155,16 @@ async fn tampered_state_groups_and_own_group_are_never_signalled() {
         .unwrap();
     let victim = victim.id() as i32;
     guard.track_pid(victim);
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
-        .args(["--exact", "helper_entry", "--nocapture", "--test-threads=1"])
-        .env(HELPER_ENV, dir.path())
-        .env("HARDENING_DECOY", decoy.to_string())
-        .env("HARDENING_VICTIM", victim.to_string())
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let helper = child.id() as i32;
-    guard.track_pid(helper);
-    let stdout = child.stdout.take().unwrap();
-    // Never wait() on it: the reaper owns child exits in this process.
-    drop(child);
-    let (tx, rx) = std_mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (decoy_s, victim_s) = (decoy.to_string(), victim.to_string());
+    let (_helper, rx) = spawn_helper(
+        &[
+            (HELPER_ENV, dir.path().as_os_str()),
+            ("HARDENING_DECOY", decoy_s.as_ref()),
+            ("HARDENING_VICTIM", victim_s.as_ref()),
+        ],
+        true,
+        &guard,
+    );
     let mut lines = Vec::new();
     let mut survived = false;
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {

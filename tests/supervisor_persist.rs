@@ -5,7 +5,6 @@
 
 mod supervisor_util;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
@@ -13,7 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use procman::supervisor::{install_reaper, sys, ProcessDefinition, ProcessState, RestartPolicy, STATE_FILE};
-use supervisor_util::{config, count_cmdline, def, eventually, Harness, KillGuard, TempDir};
+use supervisor_util::{config, count_cmdline, def, eventually, spawn_helper, Harness, KillGuard, TempDir};
 
 const T: Duration = Duration::from_secs(10);
 const HELPER_ENV: &str = "PERSIST_HELPER_DIR";
@@ -72,25 +71,11 @@ async fn helper_entry() {
 
 /// Starts the helper and returns its pid and the pids of its three children.
 fn run_helper(dir: &std::path::Path, tag: &str, guard: &KillGuard) -> (i32, Vec<i32>) {
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
-        .args(["--exact", "helper_entry", "--nocapture", "--test-threads=1"])
-        .env(HELPER_ENV, dir)
-        .env(MODE_ENV, tag)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let helper = child.id() as i32;
-    guard.track_pid(helper);
-    let stdout = child.stdout.take().unwrap();
-    // Never `wait()` for the helper: the supervisor's reaper owns child exits in this process.
-    drop(child);
+    let (helper, lines) = spawn_helper(&[(HELPER_ENV, dir.as_os_str()), (MODE_ENV, tag.as_ref())], false, guard);
+    // libtest prints `test helper_entry ... ` on the same line as READY.
     let (tx, rx) = std_mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            // libtest prints `test helper_entry ... ` on the same line.
+        for line in lines {
             if let Some((_, rest)) = line.split_once("READY ") {
                 let _ = tx.send(
                     rest.split_whitespace()

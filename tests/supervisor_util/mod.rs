@@ -218,3 +218,42 @@ pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
     }
     cond()
 }
+
+/// Runs this test binary again, filtered to its `helper_entry` test, with `env` set (in a process group of its
+/// own with `own_group`), so that a supervisor can live in a process the test may SIGKILL like a crashed
+/// daemon. Returns the helper's pid (tracked by `guard`) and its stdout lines as they come. The helper is
+/// never waited for: the supervisor's reaper owns child exits in this process.
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn spawn_helper(
+    env: &[(&str, &std::ffi::OsStr)],
+    own_group: bool,
+    guard: &KillGuard,
+) -> (i32, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", "helper_entry", "--nocapture", "--test-threads=1"])
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if own_group {
+        cmd.process_group(0);
+    }
+    let mut child = cmd.spawn().expect("spawn the helper");
+    let helper = child.id() as i32;
+    guard.track_pid(helper);
+    let stdout = child.stdout.take().expect("the helper's stdout");
+    drop(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (helper, rx)
+}
