@@ -510,12 +510,7 @@ mod tests {
                 hostname: "127.0.0.1".into(),
                 commanding_port: port,
             },
-            registry: RegistrySettings {
-                hostname: "127.0.0.1".into(),
-                requester_port: 1,
-                publisher_port: 1,
-                heartbeat_port: 1,
-            },
+            registry: crate::cgse::testing::no_registry(),
             registry_timeout: Duration::from_millis(200),
             timeout: Duration::from_millis(300),
             connect_timeout: Duration::from_millis(200),

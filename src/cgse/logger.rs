@@ -207,36 +207,23 @@ pub fn record_value(p: &RecordParts<'_>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgse::push::{PushConfig, PushTarget};
-    use crate::cgse::testing::{free_port, PullPeer};
+    use crate::cgse::push::PushConfig;
+    use crate::cgse::testing::{free_port, push_config, PullPeer};
     use crate::codec::{dict_get, Limits};
-    use crate::config::RegistrySettings;
     use tokio_util::sync::CancellationToken;
     use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::{reload, EnvFilter};
 
     fn config(port: u16, queue: usize) -> PushConfig {
-        PushConfig {
-            target: PushTarget {
-                peer: "Logger".into(),
-                hostname: "127.0.0.1".into(),
-                port,
-                service_type: "LOG_CS".into(),
-                metadata_key: "receiver_port".into(),
-                registry: RegistrySettings {
-                    hostname: "127.0.0.1".into(),
-                    requester_port: 1,
-                    publisher_port: 1,
-                    heartbeat_port: 1,
-                },
-                registry_timeout: Duration::from_millis(200),
-            },
+        push_config(
+            "Logger",
+            "LOG_CS",
+            "receiver_port",
+            port,
             queue,
-            connect_timeout: Duration::from_millis(500),
-            send_timeout: Duration::from_millis(500),
-            retry: Duration::from_millis(50),
-        }
+            Duration::from_millis(500),
+        )
     }
 
     fn text<'a>(d: &'a [(Value, Value)], k: &str) -> &'a str {

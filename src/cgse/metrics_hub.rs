@@ -240,9 +240,8 @@ impl HousekeepingSink for MetricsSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgse::push::{PushConfig, PushTarget};
-    use crate::cgse::testing::{free_port, PullPeer};
-    use crate::config::RegistrySettings;
+    use crate::cgse::push::PushConfig;
+    use crate::cgse::testing::{free_port, push_config, PullPeer};
     use std::time::Duration;
     use tokio_util::sync::CancellationToken;
 
@@ -264,26 +263,14 @@ mod tests {
     }
 
     fn config(port: u16, queue: usize) -> PushConfig {
-        PushConfig {
-            target: PushTarget {
-                peer: "Metrics Hub".into(),
-                hostname: "127.0.0.1".into(),
-                port,
-                service_type: "MH_CS".into(),
-                metadata_key: "collector_port".into(),
-                registry: RegistrySettings {
-                    hostname: "127.0.0.1".into(),
-                    requester_port: 1,
-                    publisher_port: 1,
-                    heartbeat_port: 1,
-                },
-                registry_timeout: Duration::from_millis(200),
-            },
+        push_config(
+            "Metrics Hub",
+            "MH_CS",
+            "collector_port",
+            port,
             queue,
-            connect_timeout: Duration::from_millis(500),
-            send_timeout: Duration::from_millis(500),
-            retry: Duration::from_millis(50),
-        }
+            Duration::from_millis(500),
+        )
     }
 
     fn record() -> HkRecord {

@@ -211,29 +211,10 @@ async fn run(config: PushConfig, mut rx: mpsc::Receiver<Vec<u8>>, stats: Arc<Pus
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgse::testing::{free_port_listener, PullPeer};
+    use crate::cgse::testing::{free_port_listener, push_config, PullPeer};
 
     fn config(port: u16, queue: usize) -> PushConfig {
-        PushConfig {
-            target: PushTarget {
-                peer: "Test".into(),
-                hostname: "127.0.0.1".into(),
-                port,
-                service_type: "TEST".into(),
-                metadata_key: "receiver_port".into(),
-                registry: RegistrySettings {
-                    hostname: "127.0.0.1".into(),
-                    requester_port: 1,
-                    publisher_port: 1,
-                    heartbeat_port: 1,
-                },
-                registry_timeout: Duration::from_millis(200),
-            },
-            queue,
-            connect_timeout: Duration::from_millis(300),
-            send_timeout: Duration::from_millis(300),
-            retry: Duration::from_millis(50),
-        }
+        push_config("Test", "TEST", "receiver_port", port, queue, Duration::from_millis(300))
     }
 
     #[tokio::test]

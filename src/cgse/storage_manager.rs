@@ -670,12 +670,7 @@ mod tests {
                 hostname: "127.0.0.1".into(),
                 commanding_port: port,
             },
-            registry: RegistrySettings {
-                hostname: "127.0.0.1".into(),
-                requester_port: 1,
-                publisher_port: 1,
-                heartbeat_port: 1,
-            },
+            registry: crate::cgse::testing::no_registry(),
             registry_timeout: timeout,
             timeout,
             connect_timeout: timeout,

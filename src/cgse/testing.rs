@@ -9,8 +9,47 @@ use bytes::Bytes;
 use tokio::task::JoinHandle;
 use zeromq::{PullSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
+use crate::cgse::push::{PushConfig, PushTarget};
 use crate::codec::{self, Limits, Value};
+use crate::config::RegistrySettings;
 use crate::transport;
+
+/// Registry settings that lead nowhere (port 1 on loopback): for a client whose peer has a fixed port.
+pub fn no_registry() -> RegistrySettings {
+    RegistrySettings {
+        hostname: "127.0.0.1".into(),
+        requester_port: 1,
+        publisher_port: 1,
+        heartbeat_port: 1,
+    }
+}
+
+/// A PUSH channel to `peer` (registry type `service_type`, port key `metadata_key`) on loopback `port`,
+/// queueing at most `queue` messages; connect and send bounded by `timeout`.
+pub fn push_config(
+    peer: &str,
+    service_type: &str,
+    metadata_key: &str,
+    port: u16,
+    queue: usize,
+    timeout: Duration,
+) -> PushConfig {
+    PushConfig {
+        target: PushTarget {
+            peer: peer.into(),
+            hostname: "127.0.0.1".into(),
+            port,
+            service_type: service_type.into(),
+            metadata_key: metadata_key.into(),
+            registry: no_registry(),
+            registry_timeout: Duration::from_millis(200),
+        },
+        queue,
+        connect_timeout: timeout,
+        send_timeout: timeout,
+        retry: Duration::from_millis(50),
+    }
+}
 
 /// A listener on a free loopback port (drop it to make the port refuse connections).
 pub fn free_port_listener() -> std::net::TcpListener {
