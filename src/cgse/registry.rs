@@ -1284,8 +1284,10 @@ mod tests {
         let mut rx = reg.subscribe();
         let t0 = Instant::now();
         reg.started(PORTS).await;
+        // Bounded by the first attempt's wait, never by the registration as a whole (the margin is for a
+        // loaded machine; a start-up that waited for the registry would hang here, not be late).
         assert!(
-            t0.elapsed() < Duration::from_millis(50),
+            t0.elapsed() < FIRST_ATTEMPT_WAIT + Duration::from_secs(5),
             "started() must not wait for the registry"
         );
         wait_for(&mut rx, Duration::from_secs(2), |s| {
@@ -1361,8 +1363,8 @@ mod tests {
         let t0 = Instant::now();
         reg.started(PORTS).await;
         assert!(
-            t0.elapsed() < Duration::from_millis(100),
-            "no registry: started() returns at once"
+            t0.elapsed() < FIRST_ATTEMPT_WAIT + Duration::from_secs(5),
+            "no registry: started() returns after the first attempt"
         );
         let s = wait_for(
             &mut rx,
@@ -1372,12 +1374,11 @@ mod tests {
         .await;
         assert!(s.to_string().contains("retrying"), "{s}");
         let fake = FakeRegistry::start_on(req_port, hb_port, accepting(Arc::new(AtomicBool::new(true)))).await;
-        let t0 = Instant::now();
-        wait_for(&mut rx, Duration::from_secs(3), |s| {
+        // Registered by the retries (every 100 ms), without a restart.
+        wait_for(&mut rx, Duration::from_secs(10), |s| {
             matches!(s, RegistrationState::Registered { .. })
         })
         .await;
-        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
         reg.stopping().await;
         fake.stop();
         std::fs::remove_dir_all(dir).ok();
