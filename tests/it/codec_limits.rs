@@ -1,7 +1,7 @@
 //! Every limit triggers its own error, and hostile input (truncation, garbage, bombs, absurd length
 //! fields, extreme nesting) gives a clean `Err` quickly instead of a panic, hang or huge allocation.
 
-mod support;
+use crate::support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

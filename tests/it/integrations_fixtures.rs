@@ -4,7 +4,7 @@
 //!
 //! Fixtures: `tests/fixtures` (copied from the reference captures; see `tests/fixtures/README.md`).
 
-mod support;
+use crate::support;
 
 use procman::cgse::confman::{get_setup_request, parse_get_setup_reply};
 use procman::cgse::storage::{HkRecord, HkValue};

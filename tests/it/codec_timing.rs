@@ -1,10 +1,10 @@
 //! Decode / encode timings per fixture class. Numbers only, no assertions on time:
 //!
 //! ```text
-//! cargo test --release --test codec_timing -- --ignored --nocapture
+//! cargo test --release --test it codec_timing -- --ignored --nocapture
 //! ```
 
-mod support;
+use crate::support;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

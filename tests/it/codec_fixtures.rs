@@ -5,7 +5,7 @@
 //!
 //! Fixtures: `tests/fixtures` (copied from the reference captures; see `tests/fixtures/README.md`).
 
-mod support;
+use crate::support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
