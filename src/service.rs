@@ -321,7 +321,7 @@ impl ServiceHandler {
                     }
                     Err(reason) => {
                         warn!(%reason, "register_to_storage failed");
-                        Ok(nack(PyExc::RuntimeError, &reason))
+                        Ok(nack(PyExc::RuntimeError, &reason.to_string()))
                     }
                 }
             }

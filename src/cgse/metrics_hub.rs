@@ -41,7 +41,7 @@ impl From<&ProcessRecord> for ProcessSample {
 }
 
 use super::push::Pusher;
-use super::storage::{HkRecord, HkValue, HousekeepingSink, SinkFuture};
+use super::storage::{HkRecord, HkValue, HousekeepingSink, SinkError, SinkFuture};
 
 /// The settings group of the Metrics Hub in CGSE settings files.
 pub const GROUP: &str = "Metrics Hub";
@@ -217,11 +217,11 @@ impl MetricsSink {
 }
 
 impl HousekeepingSink for MetricsSink {
-    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, String>> {
+    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, SinkError>> {
         self.inner.register(columns)
     }
 
-    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), String>> {
+    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), SinkError>> {
         for point in self.points(&record) {
             self.pusher.push(point.to_string().into_bytes());
         }
@@ -247,10 +247,10 @@ mod tests {
 
     struct Counting(std::sync::atomic::AtomicUsize);
     impl HousekeepingSink for Counting {
-        fn register(&self, _c: Vec<String>) -> SinkFuture<'_, Result<String, String>> {
+        fn register(&self, _c: Vec<String>) -> SinkFuture<'_, Result<String, SinkError>> {
             Box::pin(async { Ok("ok".into()) })
         }
-        fn save(&self, _r: HkRecord) -> SinkFuture<'_, Result<(), String>> {
+        fn save(&self, _r: HkRecord) -> SinkFuture<'_, Result<(), SinkError>> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Box::pin(async { Ok(()) })
         }

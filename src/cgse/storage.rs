@@ -48,16 +48,37 @@ impl HkRecord {
     }
 }
 
+/// Why a sink did not store a record or could not register.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Stored nowhere: the Storage Manager did not take the record (`reason`) and the local file failed too.
+    #[error("housekeeping record lost: not stored by the Storage Manager ({reason}) nor in the local file: {source}")]
+    Lost {
+        reason: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daily CSV file could not be written (the embedded default, no Storage Manager involved).
+    #[error("cannot write the daily CSV file: {0}")]
+    Local(#[from] std::io::Error),
+    /// The Storage Manager did not accept the registration; records go to the local file meanwhile.
+    #[error("{reason}; housekeeping goes to the local CSV files under {} until the Storage Manager is back", .fallback.display())]
+    NotRegistered { reason: String, fallback: PathBuf },
+    /// Several records failed at once (records in doubt settled together).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Several(Vec<SinkError>),
+}
+
 /// Boxed future used by the sink trait.
 pub type SinkFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Where housekeeping records go. Implementations never block the caller for long: a dead peer costs a
 /// bounded timeout in the housekeeping task, never anything on the request path.
 pub trait HousekeepingSink: Send + Sync {
-    /// (Re-)register with the storage backend (`register_to_storage`): Ok(message) or Err(reason).
-    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, String>>;
+    /// (Re-)register with the storage backend (`register_to_storage`): what the backend said, or why not.
+    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, SinkError>>;
     /// Store one record.
-    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), String>>;
+    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), SinkError>>;
     /// Unregister at shutdown.
     fn shutdown(&self) -> SinkFuture<'_, ()>;
     /// Where records currently go, for logs and status.
@@ -213,7 +234,7 @@ impl LocalCsv {
 }
 
 impl HousekeepingSink for LocalCsv {
-    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, String>> {
+    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, SinkError>> {
         Box::pin(async move {
             self.set_columns(columns);
             Ok(format!(
@@ -224,8 +245,11 @@ impl HousekeepingSink for LocalCsv {
         })
     }
 
-    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.append_async(record).await.map(|_| ()).map_err(|e| e.to_string()) })
+    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            self.append_async(record).await?;
+            Ok(())
+        })
     }
 
     fn shutdown(&self) -> SinkFuture<'_, ()> {

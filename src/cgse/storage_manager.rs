@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::cgse::storage::{HkRecord, HkValue, HousekeepingSink, LocalCsv, SinkFuture};
+use crate::cgse::storage::{HkRecord, HkValue, HousekeepingSink, LocalCsv, SinkError, SinkFuture};
 use crate::client::{command_execution, ClientError, ControlClient};
 use crate::codec::Value;
 use crate::config::{PeerSettings, RegistrySettings};
@@ -317,10 +317,15 @@ impl StorageManagerSink {
         matches!(self.request(st, &Value::str("Ping")).await, Ok(Value::Str(s)) if s == "Pong")
     }
 
-    async fn write_local(&self, st: &mut State, record: &HkRecord, reason: &str) -> Result<(), String> {
-        let path = self.local.append_async(record.clone()).await.map_err(|e| {
-            format!("housekeeping record lost: not stored by the Storage Manager ({reason}) nor in the local file: {e}")
-        })?;
+    async fn write_local(&self, st: &mut State, record: &HkRecord, reason: &str) -> Result<(), SinkError> {
+        let path = self
+            .local
+            .append_async(record.clone())
+            .await
+            .map_err(|source| SinkError::Lost {
+                reason: reason.to_owned(),
+                source,
+            })?;
         if st.via_sm != Some(false) {
             warn!(reason = %reason, file = %path.display(),
                 "Storage Manager not storing: housekeeping goes to the daily CSV file directly until it is back");
@@ -346,7 +351,7 @@ impl StorageManagerSink {
     }
 
     /// Settle the records in doubt as far as possible now (see the module doc).
-    async fn settle_doubts(&self, st: &mut State, shutting_down: bool) -> Result<(), String> {
+    async fn settle_doubts(&self, st: &mut State, shutting_down: bool) -> Result<(), SinkError> {
         let doubts = std::mem::take(&mut st.in_doubt);
         let mut errors = Vec::new();
         let mut alive: Option<bool> = None;
@@ -401,14 +406,14 @@ impl StorageManagerSink {
                 st.in_doubt.push(d);
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(SinkError::Several(errors)),
         }
     }
 
-    async fn save_record(&self, record: HkRecord) -> Result<(), String> {
+    async fn save_record(&self, record: HkRecord) -> Result<(), SinkError> {
         let mut st = self.state.lock().await;
         if st.columns.is_empty() {
             st.columns = record.columns();
@@ -445,7 +450,7 @@ impl StorageManagerSink {
         settled.and(stored)
     }
 
-    async fn register_now(&self, columns: Vec<String>) -> Result<String, String> {
+    async fn register_now(&self, columns: Vec<String>) -> Result<String, SinkError> {
         let mut st = self.state.lock().await;
         st.columns = columns.clone();
         self.local.set_columns(columns);
@@ -456,10 +461,10 @@ impl StorageManagerSink {
             }
             Err(e) => {
                 st.registered = false;
-                Err(format!(
-                    "{e}; housekeeping goes to the local CSV files under {} until the Storage Manager is back",
-                    self.local.data_location().display()
-                ))
+                Err(SinkError::NotRegistered {
+                    reason: e.to_string(),
+                    fallback: self.local.data_location().to_owned(),
+                })
             }
         }
     }
@@ -488,11 +493,11 @@ impl StorageManagerSink {
 }
 
 impl HousekeepingSink for StorageManagerSink {
-    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, String>> {
+    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, SinkError>> {
         Box::pin(self.register_now(columns))
     }
 
-    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), String>> {
+    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), SinkError>> {
         Box::pin(self.save_record(record))
     }
 
@@ -737,7 +742,7 @@ mod tests {
         assert!(text.starts_with("timestamp,n\r\n"), "{text}");
         assert!(sink.describe().starts_with("local CSV"), "{}", sink.describe());
         let refused = sink.register(vec!["timestamp".into(), "n".into()]).await.unwrap_err();
-        assert!(refused.contains("local CSV"), "{refused}");
+        assert!(refused.to_string().contains("local CSV"), "{refused}");
         // The SM appears: the next record goes to it (registered first), nothing twice.
         let sm = FakeSm::start(port, local_csv(&dir), Script::default()).await;
         sink.save(record(2)).await.unwrap();
