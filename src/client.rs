@@ -10,17 +10,33 @@ use crate::transport::{ReqClient, TransportError};
 /// Why a request got no usable reply.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// No reply: no connection, a failed send, or a timeout.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The reply is not a pickle we can decode.
     #[error("cannot decode the reply from {endpoint}: {source}")]
     Decode {
+        /// The server.
         endpoint: String,
+        /// The codec's error.
         source: codec::CodecError,
     },
+    /// The command is not among those loaded from the server's `send_commands` reply.
     #[error("{endpoint} has no command '{name}'")]
-    NoSuchCommand { endpoint: String, name: String },
+    NoSuchCommand {
+        /// The server.
+        endpoint: String,
+        /// The command.
+        name: String,
+    },
+    /// The reply decoded but is not what the request calls for.
     #[error("unexpected reply from {endpoint}: {detail}")]
-    Unexpected { endpoint: String, detail: String },
+    Unexpected {
+        /// The server.
+        endpoint: String,
+        /// What was wrong with it.
+        detail: String,
+    },
 }
 
 impl ClientError {
@@ -53,6 +69,7 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
+    /// A client of `endpoint` with `timeout` per request; nothing connects before the first request.
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> ControlClient {
         ControlClient {
             req: ReqClient::new(endpoint),
@@ -62,10 +79,12 @@ impl ControlClient {
         }
     }
 
+    /// The server's endpoint.
     pub fn endpoint(&self) -> &str {
         self.req.endpoint()
     }
 
+    /// The default reply timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -91,6 +110,7 @@ impl ControlClient {
         self.request_with_timeout(v, timeout).await
     }
 
+    /// [`ControlClient::request`] with another reply timeout.
     pub async fn request_with_timeout(&mut self, v: &Value, timeout: Duration) -> Result<Value, ClientError> {
         let reply = self.req.request(codec::encode(v), timeout).await?;
         codec::decode(&reply, &self.limits).map_err(|source| ClientError::Decode {

@@ -22,27 +22,58 @@ pub const PROCMAN_GROUP: &str = "Procman";
 /// Why settings could not be loaded or a value is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A settings file could not be read.
     #[error("cannot read settings file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A settings file is not valid YAML.
     #[error("settings file {path} is not valid YAML: {reason}")]
-    Parse { path: String, reason: String },
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A settings file's top level is not a mapping of groups.
     #[error("settings file {path} must contain a mapping of groups at the top level")]
-    NotAMapping { path: String },
+    NotAMapping {
+        /// The file.
+        path: String,
+    },
+    /// A key is present but its value is unusable (wrong type or out of range).
     #[error("settings key '{group}.{key}' (from {source_file}) {problem}")]
     BadValue {
+        /// The settings group.
         group: String,
+        /// The key within the group.
         key: String,
+        /// The file the value came from.
         source_file: String,
+        /// What is wrong with the value.
         problem: String,
     },
+    /// A required key is in neither the embedded defaults nor the local settings file.
     #[error("settings key '{group}.{key}' is missing (looked in {sources})")]
     Missing {
+        /// The settings group.
         group: String,
+        /// The key within the group.
         key: String,
+        /// The files that were searched.
         sources: String,
     },
+    /// `<PROJECT>_LOCAL_SETTINGS` names a file that does not exist.
     #[error("the environment variable {var} names the local settings file {path}, which does not exist")]
-    LocalSettingsMissing { var: String, path: PathBuf },
+    LocalSettingsMissing {
+        /// The environment variable's name.
+        var: String,
+        /// The file it names.
+        path: PathBuf,
+    },
 }
 
 /// Where a settings value came from, for error messages.
@@ -298,6 +329,7 @@ fn json_f64(v: &Json) -> Option<f64> {
 pub struct Env {
     /// `PROJECT` (defaults to `CGSE`, with a note in the log).
     pub project: String,
+    /// Whether `PROJECT` was set (false: `project` is the default `CGSE`).
     pub project_was_set: bool,
     /// `SITE_ID`.
     pub site_id: Option<String>,
@@ -372,20 +404,30 @@ impl Env {
 /// Typed settings of the Process Manager control server.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PmSettings {
+    /// `SERVICE_TYPE`: the type under which the daemon registers with the Service Registry.
     pub service_type: String,
+    /// `PROCESS_NAME`: the process name (also the prefix of its CGSE signal files).
     pub process_name: String,
+    /// `PROTOCOL`: the transport of the three sockets (`tcp`).
     pub protocol: String,
+    /// `HOSTNAME`: where clients reach the daemon (the daemon binds `Procman.BIND_ADDRESS`).
     pub hostname: String,
+    /// `COMMANDING_PORT`: the REQ-REP commanding port; 0 = OS-assigned.
     pub commanding_port: u16,
+    /// `MONITORING_PORT`: the PUB port for status and process events; 0 = OS-assigned.
     pub monitoring_port: u16,
+    /// `SERVICE_PORT`: the REQ-REP service (administration) port; 0 = OS-assigned.
     pub service_port: u16,
+    /// `STORAGE_MNEMONIC`: the origin of the housekeeping records.
     pub storage_mnemonic: String,
     /// Monitoring period (`DELAY`, seconds in the file).
     pub monitoring_delay: Duration,
+    /// `PROXY_TIMEOUT`: the default reply timeout of `ProcessManagerProxy` (seconds in the file).
     pub proxy_timeout: Duration,
 }
 
 impl PmSettings {
+    /// Read group `Process Manager Control Server`; `DELAY` must be > 0.
     pub fn from_settings(s: &Settings) -> Result<PmSettings, ConfigError> {
         let g = PM_GROUP;
         let delay = s.seconds(g, "DELAY")?;
@@ -410,10 +452,15 @@ impl PmSettings {
 /// procman's own settings (group `Procman`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcmanSettings {
+    /// `BIND_ADDRESS`: the interface of the three server sockets; `*` = all.
     pub bind_address: String,
+    /// `HOUSEKEEPING_PERIOD`: time between housekeeping records.
     pub housekeeping_period: Duration,
+    /// `REGISTRY_TTL`: the registration's time to live; heartbeats go every TTL/3.
     pub registry_ttl: Duration,
+    /// Decoder bounds on a request (`MAX_FRAME_BYTES`, `MAX_NESTING_DEPTH`, …).
     pub limits: crate::codec::Limits,
+    /// Requests in flight per REQ-REP socket; more wait for a slot.
     pub max_concurrent_requests: usize,
     /// Monitoring messages kept for a subscriber that does not read; newer ones are dropped for it.
     pub pub_queue_per_subscriber: usize,
@@ -428,35 +475,44 @@ pub struct ProcmanSettings {
     /// Bytes of frames above 64 KiB being received at once, all sockets together; past it the sending
     /// peer is disconnected.
     pub max_receiving_bytes: usize,
-    /// Shortest and longest monitoring / housekeeping period a `set_*_frequency` can set.
+    /// Shortest monitoring / housekeeping period a `set_*_frequency` can set.
     pub min_period: Duration,
+    /// Longest such period; a smaller frequency is clamped to it.
     pub max_period: Duration,
-    /// `add_listener`: most listeners, longest name (bytes).
+    /// `add_listener`: most listeners kept.
     pub max_listeners: usize,
+    /// Longest listener name in bytes; longer is refused.
     pub max_listener_name: usize,
     /// Hosts and networks allowed to send state-changing commands; empty = this host's own addresses.
     pub control_allow: Vec<String>,
+    /// Time allowed for the orderly shutdown.
     pub shutdown_timeout: Duration,
+    /// Where procman keeps its state; None = `<log file location>/procman-state` (see `DaemonConfig::state_dir`).
     pub state_dir: Option<PathBuf>,
+    /// Local Setup YAML used when no Configuration Manager answers; None = none.
     pub setup_file: Option<PathBuf>,
     /// The process definition table (`settings/procman.yaml` format); None = the embedded one.
     pub process_table: Option<PathBuf>,
     /// Stop managed processes when the daemon exits (else they are re-adopted by the next daemon).
     pub stop_children_on_exit: bool,
-    /// Log rotation of managed processes: size, rotated files kept, lines kept in memory.
+    /// Log rotation of managed processes: a log file is rotated at this size (bytes).
     pub log_max_bytes: u64,
+    /// Rotated log files kept per process.
     pub log_backups: u32,
+    /// Lines kept in memory per process for `get_process_log`.
     pub log_tail_lines: usize,
     /// Where CGSE tools drop command files for us (`/tmp/cgse_signals` in CGSE).
     pub signal_dir: PathBuf,
-    /// Log records queued for the Logger, and data points for the Metrics Hub; more are dropped (counted).
+    /// Log records queued for the Logger; more are dropped (counted).
     pub log_queue: usize,
+    /// Data points queued for the Metrics Hub; more are dropped (counted).
     pub metrics_queue: usize,
     /// Client-created process definitions (legacy launchers) allowed at a time.
     pub max_client_processes: usize,
 }
 
 impl ProcmanSettings {
+    /// Read group `Procman`; `HOUSEKEEPING_PERIOD` and `MIN_PERIOD` must be > 0, `MIN_PERIOD` <= `MAX_PERIOD`.
     pub fn from_settings(s: &Settings) -> Result<ProcmanSettings, ConfigError> {
         let g = PROCMAN_GROUP;
         let hk = s.seconds(g, "HOUSEKEEPING_PERIOD")?;
@@ -525,7 +581,9 @@ impl ProcmanSettings {
 /// Where a peer that takes PUSH messages listens (the Logger's receiver, the Metrics Hub's collector).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushPeerSettings {
+    /// `SERVICE_TYPE`: the type its registry record has.
     pub service_type: String,
+    /// `HOSTNAME`: where it listens.
     pub hostname: String,
     /// 0 = the port its registry record announces.
     pub port: u16,
@@ -550,12 +608,16 @@ impl PushPeerSettings {
 /// Where a peer control server (Storage or Configuration Manager) listens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerSettings {
+    /// `SERVICE_TYPE`: the type its registry record has.
     pub service_type: String,
+    /// `HOSTNAME`: where it listens.
     pub hostname: String,
+    /// `COMMANDING_PORT`; 0 = the port its registry record announces.
     pub commanding_port: u16,
 }
 
 impl PeerSettings {
+    /// `group`'s `SERVICE_TYPE`, `HOSTNAME` and `COMMANDING_PORT`.
     pub fn from_settings(s: &Settings, group: &str, default_type: &str) -> Result<PeerSettings, ConfigError> {
         Ok(PeerSettings {
             service_type: s.string_or(group, "SERVICE_TYPE", default_type)?,
@@ -568,13 +630,18 @@ impl PeerSettings {
 /// Where the Service Registry listens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegistrySettings {
+    /// `HOSTNAME`.
     pub hostname: String,
+    /// `REQUESTER_PORT`: requests (register, deregister, discover).
     pub requester_port: u16,
+    /// `PUBLISHER_PORT`: its event publications (procman does not subscribe).
     pub publisher_port: u16,
+    /// `HEARTBEAT_PORT`: renewals of a registration.
     pub heartbeat_port: u16,
 }
 
 impl RegistrySettings {
+    /// Read group `Service Registry`.
     pub fn from_settings(s: &Settings) -> Result<RegistrySettings, ConfigError> {
         let g = "Service Registry";
         Ok(RegistrySettings {
@@ -601,6 +668,7 @@ pub struct IntegrationSettings {
 }
 
 impl IntegrationSettings {
+    /// Read group `Procman`; each must be > 0.
     pub fn from_settings(s: &Settings) -> Result<IntegrationSettings, ConfigError> {
         let g = PROCMAN_GROUP;
         let positive = |key: &str| -> Result<Duration, ConfigError> {
@@ -622,12 +690,14 @@ impl IntegrationSettings {
 /// Where the Notify Hub publishes its events (`new_setup` among them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NotifyHubSettings {
+    /// `HOSTNAME`.
     pub hostname: String,
     /// 0 = do not subscribe.
     pub publisher_port: u16,
 }
 
 impl NotifyHubSettings {
+    /// Read group `Notify Hub`.
     pub fn from_settings(s: &Settings) -> Result<NotifyHubSettings, ConfigError> {
         let g = "Notify Hub";
         Ok(NotifyHubSettings {

@@ -39,9 +39,13 @@ const ENTRY_POINTS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// The arguments of a `StartCommand` / `StopCommand` / `StatusCommand`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ProcessCommand {
+    /// `_device_id` (an int id as text).
     pub device_id: String,
+    /// `_cgse_cmd`; None when absent, `None` or blank.
     pub cgse_cmd: Option<String>,
+    /// `_device_args`, each as text (a non-string in its Python repr).
     pub device_args: Vec<String>,
+    /// `_is_simulator_mode` is `True`.
     pub simulator: bool,
 }
 
@@ -212,6 +216,9 @@ fn sup_err(e: SupervisorError) -> CommandError {
 }
 
 impl Controller {
+    /// A controller of `supervisor`'s processes: the core services (`core_processes`, `core_endpoints`),
+    /// the devices of `setup`, the definitions of `table` (read again from `table_path` on `reload`); `self_names`
+    /// are our own service type and core-service name.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         core_processes: Vec<(String, String)>,

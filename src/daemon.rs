@@ -31,12 +31,16 @@ use crate::transport::{self, TransportError};
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The settings are unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A socket could not be bound.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The compiled-in command tables are unusable.
     #[error("command table: {0}")]
     Table(#[from] protocol::commands::TableError),
+    /// Setting up a part failed (the process table could not be loaded, the supervisor did not start).
     #[error("{0}")]
     Setup(String),
 }
@@ -44,9 +48,13 @@ pub enum DaemonError {
 /// Everything the daemon reads from settings and environment, resolved once.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
+    /// All settings groups after merging.
     pub settings: Settings,
+    /// The CGSE environment variables.
     pub env: Env,
+    /// The Process Manager's group.
     pub pm: PmSettings,
+    /// procman's own group.
     pub procman: ProcmanSettings,
 }
 
@@ -58,6 +66,7 @@ impl DaemonConfig {
         DaemonConfig::from_parts(settings, env)
     }
 
+    /// From settings and environment already read (tests pass their own).
     pub fn from_parts(settings: Settings, env: Env) -> Result<DaemonConfig, ConfigError> {
         Ok(DaemonConfig {
             pm: PmSettings::from_settings(&settings)?,
@@ -144,6 +153,7 @@ pub struct Integrations {
 
 /// A daemon that is serving.
 pub struct RunningDaemon {
+    /// The ports bound (0 in the settings: the ones the OS chose).
     pub ports: Ports,
     shutdown: CancellationToken,
     done: JoinHandle<()>,

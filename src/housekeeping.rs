@@ -13,19 +13,29 @@ use crate::util::format_datetime;
 /// Process counts for the record, provided by the supervisor.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProcessCounts {
+    /// Managed processes (column `processes`).
     pub total: u64,
+    /// Processes in state `Running`.
     pub running: u64,
+    /// Processes in state `Starting`.
     pub starting: u64,
+    /// Processes in state `Backoff`.
     pub backoff: u64,
+    /// Processes in state `Stopping`.
     pub stopping: u64,
+    /// Processes in state `Stopped`.
     pub stopped: u64,
+    /// Processes in state `Exited`.
     pub exited: u64,
+    /// Processes in state `Fatal`.
     pub fatal: u64,
+    /// Automatic restarts so far, all processes together.
     pub restarts: u64,
 }
 
 /// Something that can count managed processes (the supervisor).
 pub trait CountProcesses: Send + Sync {
+    /// The counts now.
     fn counts(&self) -> ProcessCounts;
 }
 
@@ -52,6 +62,7 @@ pub struct Housekeeping {
 }
 
 impl Housekeeping {
+    /// Records of the daemon's own figures from `sampler` and, with `processes`, the process counts (else zeros).
     pub fn new(sampler: Arc<StatusSampler>, processes: Option<Arc<dyn CountProcesses>>) -> Housekeeping {
         Housekeeping { sampler, processes }
     }
@@ -61,6 +72,7 @@ impl Housekeeping {
         self.processes.clone()
     }
 
+    /// [`COLUMNS`] as owned strings.
     pub fn columns() -> Vec<String> {
         COLUMNS.iter().map(|c| (*c).to_owned()).collect()
     }

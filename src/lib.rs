@@ -28,6 +28,7 @@
     not(test),
     warn(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)
 )]
+#![warn(missing_docs)]
 
 pub mod assemble;
 #[cfg(feature = "python")]

@@ -66,6 +66,7 @@ pub trait LogControl: Send + Sync {
 /// A `LogControl` that only remembers (for tests and for embedders with their own subscriber).
 #[derive(Default)]
 pub struct RecordingLogControl {
+    /// The calls so far: (target, level), in order.
     pub calls: Mutex<Vec<(Option<String>, LevelFilter)>>,
 }
 

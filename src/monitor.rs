@@ -32,13 +32,18 @@ const USS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 /// CPU times and memory of this process.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcFigures {
+    /// Resident set size in bytes (status `RSS`).
     pub rss: u64,
+    /// Unique set size in bytes (status `USS`; the RSS when `smaps_rollup` is unreadable).
     pub uss: u64,
+    /// CPU time in user mode, in seconds.
     pub cpu_user: f64,
+    /// CPU time in kernel mode, in seconds.
     pub cpu_system: f64,
 }
 
 impl StatusSampler {
+    /// A sampler of this process, with a new version-1 UUID.
     pub fn new() -> StatusSampler {
         let clk_tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
             .ok()

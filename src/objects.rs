@@ -53,6 +53,7 @@ pub enum ResponseClass {
 }
 
 impl ResponseClass {
+    /// The class name in `egse.response`.
     pub fn name(self) -> &'static str {
         match self {
             ResponseClass::Failure => "Failure",
@@ -74,13 +75,18 @@ impl ResponseClass {
 /// The process commands of `egse.procman`, with their state keys in wire order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessCommandClass {
+    /// `ProcessCommand`, the base class.
     Process,
+    /// `StartCommand`.
     Start,
+    /// `StopCommand`.
     Stop,
+    /// `StatusCommand`.
     Status,
 }
 
 impl ProcessCommandClass {
+    /// Every class, base first.
     pub const ALL: [ProcessCommandClass; 4] = [
         ProcessCommandClass::Process,
         ProcessCommandClass::Start,
@@ -106,6 +112,7 @@ impl ProcessCommandClass {
         }
     }
 
+    /// The class named `name` in `egse.procman`, if it is one of these.
     pub fn from_name(name: &str) -> Option<ProcessCommandClass> {
         ProcessCommandClass::ALL.into_iter().find(|c| c.name() == name)
     }
@@ -135,25 +142,41 @@ pub const PROCESS_MANAGER_COMMAND: &str = "ProcessManagerCommand";
 pub enum Known<'a> {
     /// `egse.response.Failure / Success / Message`: constructor arguments and the instance dict.
     Response {
+        /// Which response class.
         class: ResponseClass,
+        /// The constructor arguments.
         args: &'a [Value],
+        /// The instance dict.
         state: &'a [(Value, Value)],
     },
     /// `uuid.UUID`: the 128-bit integer (an `Int` or `BigInt` value) and `is_safe` if present.
-    Uuid { int: &'a Value, is_safe: Option<i64> },
+    Uuid {
+        /// The 128-bit integer.
+        int: &'a Value,
+        /// `is_safe`, if present.
+        is_safe: Option<i64>,
+    },
     /// A builtin exception from [`BUILTIN_EXCEPTIONS`].
     Exception {
+        /// The exception's class name.
         name: &'static str,
+        /// The constructor arguments.
         args: &'a [Value],
+        /// The instance dict.
         state: &'a [(Value, Value)],
     },
     /// `egse.procman.StartCommand` and friends.
     ProcessCommand {
+        /// Which process command class.
         class: ProcessCommandClass,
+        /// The instance dict.
         state: &'a [(Value, Value)],
     },
     /// `egse.procman.ProcessManagerCommand`, as announced by `send_commands`.
-    Command { state: &'a [(Value, Value)] },
+    Command {
+        /// The instance dict.
+        state: &'a [(Value, Value)],
+    },
     /// Anything else: kept as data.
     Generic,
 }

@@ -15,6 +15,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Finds the commanding endpoint of a service type (`SM_CS`, `DUMMY_01`…), e.g. in the registry.
 pub trait Locator: Send + Sync {
+    /// The endpoint, or None when it cannot be found now.
     fn commanding_endpoint(&self, service_type: &str) -> BoxFuture<'_, Option<String>>;
 }
 
@@ -35,10 +36,12 @@ pub struct Pinger {
 }
 
 impl Pinger {
+    /// Pings with `timeout`, locating services through `locator`.
     pub fn new(locator: Arc<dyn Locator>, timeout: Duration) -> Pinger {
         Pinger { locator, timeout }
     }
 
+    /// How services are located.
     pub fn locator(&self) -> &Arc<dyn Locator> {
         &self.locator
     }

@@ -50,7 +50,9 @@ pub enum SendError {
 /// The endpoint a proxy shows (`get_endpoint()`, e.g. `tcp://localhost:6120`) and the one it connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// The endpoint as written (`get_endpoint()`).
     pub display: String,
+    /// The endpoint the socket connects to, with the host resolved when it resolves.
     pub connect: String,
 }
 
@@ -74,11 +76,13 @@ impl Endpoint {
 /// Why no endpoint could be determined for a proxy.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
+    /// The settings could not be loaded.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// Dynamic ports and the registry could not tell where the server is.
     #[error("{0}")]
     Discovery(String),
+    /// A port outside 0-65535.
     #[error("port {0} is not a TCP port (0-65535)")]
     Port(i64),
 }
@@ -155,13 +159,17 @@ pub async fn control_server_active(endpoint: &str, timeout: Duration) -> bool {
 /// What a proxy keeps of one command announced by `send_commands`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandInfo {
+    /// The command's name (`_name`).
     pub name: String,
     /// The argument template (`_cmd`).
     pub cmd: String,
     /// The help text (`__doc__`).
     pub doc: Option<String>,
+    /// All placeholders of the template (`_tot_n_args`).
     pub tot_n_args: i64,
+    /// Positional placeholders (`_n_args`).
     pub n_args: i64,
+    /// Named placeholders (`_n_kwargs`).
     pub n_kwargs: i64,
     /// The class name of the command object, for messages (`ProcessManagerCommand`).
     pub class_name: String,
@@ -264,6 +272,7 @@ impl ProxyCore {
         &self.endpoint.display
     }
 
+    /// The default reply timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -365,6 +374,7 @@ impl ProxyCore {
         self.commands.iter().map(|c| c.name.clone()).collect()
     }
 
+    /// True when commands are loaded.
     pub fn has_commands(&self) -> bool {
         !self.commands.is_empty()
     }
@@ -374,6 +384,7 @@ impl ProxyCore {
         self.commands.iter().find(|c| c.name == name)
     }
 
+    /// The loaded commands, in the server's order.
     pub fn commands(&self) -> &[CommandInfo] {
         &self.commands
     }
@@ -382,6 +393,7 @@ impl ProxyCore {
 /// Why `ProcessManagerProxy.get_status()` has no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
+    /// The request got no reply value.
     #[error(transparent)]
     Send(#[from] SendError),
     /// The server did not announce the command (not loaded, or not our daemon).

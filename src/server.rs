@@ -26,21 +26,27 @@ use crate::transport::{self, RouterSocket};
 /// The bound ports, as the getters and the registry report them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Ports {
+    /// The commanding (REQ-REP) port.
     pub commanding: u16,
+    /// The monitoring (PUB) port.
     pub monitoring: u16,
+    /// The service (REQ-REP) port.
     pub service: u16,
 }
 
 /// What the built-in requests answer.
 #[derive(Debug)]
 pub struct ServerInfo {
+    /// The bound ports (`get_commanding_port` and the other getters).
     pub ports: Ports,
+    /// `get_storage_mnemonic`.
     pub storage_mnemonic: String,
     /// Refreshed in the background: resolving it may block, the request path must not.
     ip: RwLock<Option<String>>,
 }
 
 impl ServerInfo {
+    /// With `ip` as the first `get_ip_address` answer.
     pub fn new(ports: Ports, storage_mnemonic: String, ip: Option<String>) -> ServerInfo {
         ServerInfo {
             ports,
@@ -49,10 +55,12 @@ impl ServerInfo {
         }
     }
 
+    /// What `get_ip_address` answers now (None: `None`).
     pub fn ip(&self) -> Option<String> {
         self.ip.read().map(|g| g.clone()).unwrap_or(None)
     }
 
+    /// Replace the address `get_ip_address` answers.
     pub fn set_ip(&self, ip: Option<String>) {
         if let Ok(mut g) = self.ip.write() {
             *g = ip;
@@ -63,8 +71,11 @@ impl ServerInfo {
 /// One command call, with the arguments as the client sent them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Call {
+    /// The command's name.
     pub name: String,
+    /// Positional arguments.
     pub args: Vec<Value>,
+    /// Keyword arguments, (name, value) in the order sent.
     pub kwargs: Vec<(Value, Value)>,
 }
 
@@ -98,6 +109,7 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, CommandEr
 
 /// The meaning of a socket's table commands.
 pub trait Handler: Send + Sync + 'static {
+    /// Carry out one table command; an error becomes a `Failure` reply.
     fn handle(&self, call: Call) -> HandlerFuture<'_>;
 }
 
@@ -241,11 +253,14 @@ pub struct Dispatcher {
 /// What a dispatch did, for the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
+    /// The command's name, or `<undecodable>` / `<multipart>` for a frame that names none.
     pub name: String,
+    /// False when the request was refused or the command failed (the reply is a `Failure`).
     pub ok: bool,
 }
 
 impl Dispatcher {
+    /// A dispatcher for `kind`'s socket: built-ins, then `table`'s commands through `handler`; everyone may send control commands.
     pub fn new(
         kind: SocketKind,
         table: CommandTable,
@@ -271,10 +286,12 @@ impl Dispatcher {
         self
     }
 
+    /// Which socket this dispatcher serves.
     pub fn kind(&self) -> SocketKind {
         self.kind
     }
 
+    /// The socket's command table.
     pub fn table(&self) -> &CommandTable {
         &self.table
     }

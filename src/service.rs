@@ -29,6 +29,7 @@ pub struct MovingAverage {
 impl MovingAverage {
     const WINDOW: usize = 100;
 
+    /// Add one run's duration; the oldest is dropped past 100.
     pub fn add(&mut self, seconds: f64) {
         if self.samples.len() == Self::WINDOW {
             self.samples.pop_front();
@@ -36,6 +37,7 @@ impl MovingAverage {
         self.samples.push_back(seconds);
     }
 
+    /// The mean of the kept runs; None before the first.
     pub fn mean(&self) -> Option<f64> {
         (!self.samples.is_empty()).then(|| self.samples.iter().sum::<f64>() / self.samples.len() as f64)
     }
@@ -48,13 +50,18 @@ pub struct ServiceState {
     pub mon_delay_ms: watch::Sender<f64>,
     /// Housekeeping period in ms.
     pub hk_delay_ms: watch::Sender<f64>,
+    /// Durations of building the status dict (seconds), for `get_average_execution_times`.
     pub get_status_time: Mutex<MovingAverage>,
+    /// Durations of collecting a housekeeping record (seconds), for `get_average_execution_times`.
     pub get_housekeeping_time: Mutex<MovingAverage>,
     listeners: Mutex<Vec<(String, Value)>>,
+    /// The log filter the logging-level commands change.
     pub log: Arc<dyn LogControl>,
+    /// Where housekeeping goes (registered again with `hk_columns` on request).
     pub storage: Arc<dyn HousekeepingSink>,
     /// Columns of the housekeeping record, sent with every registration.
     pub hk_columns: Vec<String>,
+    /// Builds the status dict.
     pub sampler: Arc<StatusSampler>,
     /// Cancelled by `quit_server`.
     pub shutdown: CancellationToken,
@@ -65,9 +72,11 @@ pub struct ServiceState {
 /// Bounds on what the service commands accept from a peer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceBounds {
-    /// Shortest and longest period (ms) a `set_*_frequency` may set; others are clamped into it.
+    /// Shortest period (ms) a `set_*_frequency` may set; shorter ones are clamped to it.
     pub min_period_ms: f64,
+    /// Longest period (ms) a `set_*_frequency` may set; longer ones are clamped to it.
     pub max_period_ms: f64,
+    /// Listeners kept at most.
     pub max_listeners: usize,
     /// Longest listener name in bytes.
     pub max_listener_name: usize,
@@ -94,6 +103,7 @@ pub fn log_name(name: &str) -> String {
 }
 
 impl ServiceState {
+    /// Periods from `mon_delay` and `hk_delay`, no listeners, default bounds.
     pub fn new(
         mon_delay: Duration,
         hk_delay: Duration,
@@ -132,6 +142,7 @@ impl ServiceState {
         v
     }
 
+    /// The names of the listeners added, in order.
     pub fn listener_names(&self) -> Vec<String> {
         lock(&self.listeners).iter().map(|(n, _)| n.clone()).collect()
     }
@@ -202,6 +213,7 @@ fn python_level(v: &Value) -> Option<i64> {
 
 /// Handler of the service table.
 pub struct ServiceHandler {
+    /// The state the commands read and change.
     pub state: Arc<ServiceState>,
 }
 

@@ -11,17 +11,32 @@ use crate::codec::Value;
 /// `class//…` stay strings; nothing is imported).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Node {
+    /// A mapping: (key, child) pairs in YAML order.
     Map(Vec<(String, Node)>),
+    /// Anything else, as a raw value.
     Leaf(Value),
 }
 
 /// Why a Setup could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// A Setup file could not be read.
     #[error("cannot read Setup file {path}: {reason}")]
-    Read { path: String, reason: String },
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// A Setup file is not valid YAML.
     #[error("Setup file {path} is not valid YAML: {reason}")]
-    Yaml { path: String, reason: String },
+    Yaml {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// The Setup (or its `Setup:` key) is not a mapping.
     #[error("the Setup is not a mapping")]
     NotAMapping,
 }
@@ -35,6 +50,7 @@ pub struct Device {
     pub name_value: Value,
     /// The raw `device` value, e.g. `class//egse.dummy.DummyProxy`.
     pub device: Value,
+    /// The raw `device_id` value, if present.
     pub device_id: Option<Value>,
     /// The raw `device_args` (a list), or `None` when absent (the wire then carries `()`).
     pub device_args: Option<Value>,
@@ -290,6 +306,8 @@ pub struct LocalSetup {
 }
 
 impl LocalSetup {
+    /// `explicit` (`Procman.SETUP_FILE`) if given, else the Setup numbered in `<data_dir>/last_setup_id.txt`,
+    /// found under `conf_dir` for `site_id`.
     pub fn new(
         explicit: Option<std::path::PathBuf>,
         conf_dir: Option<std::path::PathBuf>,

@@ -16,28 +16,62 @@ pub use zeromq::{PubSocket, RouterSocket};
 /// Transport-level failures.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// A server socket's address could not be bound (in use, not local, no permission).
     #[error("cannot bind the {role} socket to {endpoint}: {source}")]
     Bind {
+        /// Which socket (`commanding`, `service`, `monitoring`, …).
         role: String,
+        /// The address it was to listen on.
         endpoint: String,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// A protocol other than `tcp` was configured.
     #[error("protocol '{0}' is not supported (procman speaks tcp)")]
     Protocol(String),
+    /// A host name did not resolve to an address.
     #[error("cannot resolve host '{0}'")]
     Resolve(String),
+    /// zmq.rs failed to take over a bound listener or to receive a reply.
     #[error("zeromq error on {endpoint}: {reason}")]
-    Zmq { endpoint: String, reason: String },
+    Zmq {
+        /// The socket's endpoint.
+        endpoint: String,
+        /// zmq.rs's error.
+        reason: String,
+    },
+    /// The request was sent but no reply came within the timeout.
     #[error("no reply from {endpoint} within {timeout:?}")]
-    Timeout { endpoint: String, timeout: Duration },
+    Timeout {
+        /// The peer.
+        endpoint: String,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
     /// No connection could be made: nothing was sent.
     #[error("cannot connect to {endpoint}: {reason}")]
-    Connect { endpoint: String, reason: String },
+    Connect {
+        /// The peer.
+        endpoint: String,
+        /// Why the connection failed.
+        reason: String,
+    },
     /// The request could not be handed to the socket: nothing was sent.
     #[error("cannot send to {endpoint}: {reason}")]
-    Send { endpoint: String, reason: String },
+    Send {
+        /// The peer.
+        endpoint: String,
+        /// Why the send failed.
+        reason: String,
+    },
+    /// A REQ reply did not have exactly one frame.
     #[error("reply from {endpoint} has {frames} frames, expected 1")]
-    Frames { endpoint: String, frames: usize },
+    Frames {
+        /// The peer.
+        endpoint: String,
+        /// The frames it sent.
+        frames: usize,
+    },
 }
 
 impl TransportError {
@@ -267,6 +301,7 @@ pub struct ReqClient {
 }
 
 impl ReqClient {
+    /// A client of `endpoint`; nothing connects before the first request.
     pub fn new(endpoint: impl Into<String>) -> ReqClient {
         ReqClient {
             conn: Lazy::new(endpoint.into()),
@@ -278,6 +313,7 @@ impl ReqClient {
         self.conn.refused_is_final = yes;
     }
 
+    /// The peer's endpoint.
     pub fn endpoint(&self) -> &str {
         &self.conn.endpoint
     }
@@ -349,6 +385,7 @@ pub struct DealerClient {
 }
 
 impl DealerClient {
+    /// A client of `endpoint`; nothing connects before the first request.
     pub fn new(endpoint: impl Into<String>) -> DealerClient {
         DealerClient {
             conn: Lazy::new(endpoint.into()),
@@ -360,6 +397,7 @@ impl DealerClient {
         self.conn.refused_is_final = yes;
     }
 
+    /// The peer's endpoint.
     pub fn endpoint(&self) -> &str {
         &self.conn.endpoint
     }
@@ -369,6 +407,7 @@ impl DealerClient {
         self.conn.connect_timeout = Some(limit);
     }
 
+    /// Drop the socket; the next request reconnects.
     pub fn reset(&mut self) {
         self.conn.socket = None;
     }
@@ -466,6 +505,7 @@ impl PushClient {
         })
     }
 
+    /// The peer's endpoint.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }

@@ -28,14 +28,19 @@ const NO_SETUP: &str = "No Setup was loaded";
 /// Why the CM gave no Setup.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfmanError {
+    /// The request got no usable reply (no connection, no reply in time, an undecodable reply).
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The CM's endpoint could not be found (its host does not resolve, or the registry does not know it).
     #[error("cannot find the Configuration Manager: {0}")]
     Discovery(String),
+    /// The CM answered with a `Failure` other than "No Setup was loaded".
     #[error("the Configuration Manager answered get_setup with a Failure: {0}")]
     Failure(String),
+    /// The reply is a Setup that cannot be turned into a tree.
     #[error("the Configuration Manager's Setup is unusable: {0}")]
     Setup(#[from] SetupError),
+    /// The reply is neither a Setup nor a `Failure`.
     #[error("the Configuration Manager answered get_setup with {0}, not a Setup")]
     NotASetup(String),
 }
@@ -74,9 +79,11 @@ pub fn get_setup_request() -> Value {
 /// A Setup as the CM gave it.
 #[derive(Debug, Clone)]
 pub struct FetchedSetup {
+    /// The Setup tree.
     pub node: Arc<Node>,
     /// `_setup_id` of the pickled Setup (`"00001"`), if present.
     pub setup_id: Option<String>,
+    /// When it was received.
     pub fetched: SystemTime,
 }
 
@@ -107,11 +114,15 @@ pub fn parse_get_setup_reply(reply: &Value) -> Result<Option<FetchedSetup>, Conf
 /// Where the Configuration Manager is and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct ConfmanConfig {
+    /// Where the CM listens.
     pub cm: PeerSettings,
     /// For discovery when the CM's commanding port is 0.
     pub registry: RegistrySettings,
+    /// One registry request.
     pub registry_timeout: Duration,
+    /// The CM's reply to `get_setup`.
     pub timeout: Duration,
+    /// Connecting to the CM: a CM that is down costs this.
     pub connect_timeout: Duration,
     /// Background re-read period (and retry period while the CM is down).
     pub refresh: Duration,

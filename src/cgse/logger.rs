@@ -27,6 +27,7 @@ pub const GROUP: &str = "Logging Control Server";
 
 /// What the layer needs once the daemon knows its settings.
 pub struct Forward {
+    /// Sends the encoded records to the Logger's receiver.
     pub pusher: Pusher,
     /// `processName` of the records (`pm_cs`, the Process Manager's `PROCESS_NAME`).
     pub process_name: String,
@@ -139,12 +140,19 @@ impl Visit for MessageVisitor {
 
 /// What one record is made of.
 pub struct RecordParts<'a> {
+    /// The tracing target (module path); `name` is it with `::` as `.`.
     pub target: &'a str,
+    /// The event's level.
     pub level: Level,
+    /// The event's text.
     pub message: String,
+    /// The source file, when known.
     pub file: Option<&'a str>,
+    /// The source line, when known.
     pub line: Option<u32>,
+    /// When the event happened (`created`, `msecs`).
     pub when: SystemTime,
+    /// `processName`.
     pub process_name: &'a str,
 }
 

@@ -21,10 +21,15 @@ use crate::supervisor::{ProcessRecord, ProcessState};
 /// What a point says about one managed process (taken from the supervisor's [`ProcessRecord`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessSample {
+    /// Process id (the point's `process_id` tag).
     pub id: String,
+    /// Its state.
     pub state: ProcessState,
+    /// Pid of the running process.
     pub pid: Option<i32>,
+    /// Automatic restarts so far.
     pub restarts: u32,
+    /// Seconds since it started, while running or starting.
     pub uptime_s: Option<f64>,
 }
 
@@ -90,7 +95,9 @@ pub fn housekeeping_point(record: &HkRecord, origin: &str, site_id: &str) -> Jso
 /// What `/proc` says about one managed process.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcUsage {
+    /// Resident set size in bytes (0 when unreadable).
     pub rss: u64,
+    /// CPU use since the previous sample of the pid, in % of one core (0 on the first).
     pub cpu_percent: f64,
 }
 
@@ -177,6 +184,8 @@ pub struct MetricsSink {
 }
 
 impl MetricsSink {
+    /// Wraps `inner`, sending each record through `pusher` with `origin` and `site_id` as tags;
+    /// with `processes`, also one point per managed process.
     pub fn new(
         inner: Arc<dyn HousekeepingSink>,
         pusher: Pusher,

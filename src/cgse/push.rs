@@ -24,6 +24,7 @@ use crate::transport::{self, PushClient};
 pub struct PushTarget {
     /// For logs and status ("Logger", "Metrics Hub").
     pub peer: String,
+    /// Its host.
     pub hostname: String,
     /// 0 = from the Service Registry.
     pub port: u16,
@@ -31,7 +32,9 @@ pub struct PushTarget {
     pub service_type: String,
     /// Key of the port in the record's metadata (`receiver_port`, `collector_port`).
     pub metadata_key: String,
+    /// The registry to look the peer up in (port 0).
     pub registry: RegistrySettings,
+    /// One registry request.
     pub registry_timeout: Duration,
 }
 
@@ -56,6 +59,7 @@ impl PushTarget {
 /// How the sender behaves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushConfig {
+    /// Where the peer listens.
     pub target: PushTarget,
     /// Messages queued at most; more are dropped (and counted).
     pub queue: usize,
@@ -70,6 +74,7 @@ pub struct PushConfig {
 /// Counters, shared by the producers, the task and the status report.
 #[derive(Debug, Default)]
 pub struct PushStats {
+    /// Messages handed to the socket.
     pub sent: AtomicU64,
     /// Dropped because the queue was full, the send failed, or the daemon stopped with messages queued.
     pub dropped: AtomicU64,
@@ -79,10 +84,12 @@ pub struct PushStats {
 }
 
 impl PushStats {
+    /// Messages handed to the socket so far.
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
 
+    /// Messages dropped so far.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
@@ -135,6 +142,7 @@ impl Pusher {
         }
     }
 
+    /// The counters, shared with the background sender.
     pub fn stats(&self) -> &Arc<PushStats> {
         &self.stats
     }

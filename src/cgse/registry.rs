@@ -36,21 +36,37 @@ use crate::transport::{self, DealerClient, TransportError};
 /// Why a registry call gave no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// The registry could not be reached or did not answer in time.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A reply that is not the JSON object the request calls for.
     #[error("unexpected reply from the registry at {endpoint}: {detail}")]
-    BadReply { endpoint: String, detail: String },
+    BadReply {
+        /// The registry's endpoint.
+        endpoint: String,
+        /// What was wrong with the reply.
+        detail: String,
+    },
     /// The registry answered `"success": false`.
     #[error("the registry refused '{action}': {error}{}", message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default())]
     Refused {
+        /// The request's `action`.
         action: String,
+        /// The reply's `error`.
         error: String,
+        /// The reply's `message`, if any.
         message: Option<String>,
         /// The whole reply, e.g. for `existing_service_id`.
         reply: Box<Map<String, Json>>,
     },
+    /// The service id could not be written to its file.
     #[error("cannot keep the service id in {path}: {reason}")]
-    IdFile { path: String, reason: String },
+    IdFile {
+        /// The id file.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
 }
 
 impl RegistryError {
@@ -131,12 +147,17 @@ fn write_json_str(s: &str, out: &mut String) {
 /// What a service registers (`service_info`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceInfo {
+    /// `name`: the process name.
     pub name: String,
+    /// `host`: the address clients connect to.
     pub host: String,
+    /// `port`: the commanding port.
     pub port: u16,
     /// A known id: the registry then updates that record in place.
     pub id: Option<String>,
+    /// `type` (also the only tag).
     pub service_type: String,
+    /// `metadata`, in this order (e.g. the other ports).
     pub metadata: Vec<(String, Json)>,
 }
 
@@ -163,15 +184,22 @@ impl ServiceInfo {
 /// A record as `get`, `list` and `discover` return it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceRecord {
+    /// The record's id.
     pub id: String,
+    /// The registered name (empty when absent).
     pub name: String,
+    /// The registered host.
     pub host: String,
+    /// The registered (commanding) port.
     pub port: u16,
+    /// The registered metadata (empty when absent).
     pub metadata: Map<String, Json>,
+    /// The registry's health of the record, when it reports one.
     pub health: Option<String>,
 }
 
 impl ServiceRecord {
+    /// A record from the registry's JSON; None when `id`, `host` or a valid `port` is missing.
     pub fn from_json(v: &Json) -> Option<ServiceRecord> {
         let port = v.get("port")?.as_u64().and_then(|p| u16::try_from(p).ok())?;
         Some(ServiceRecord {
@@ -206,6 +234,7 @@ pub struct RegistryClient {
 }
 
 impl RegistryClient {
+    /// A client of `endpoint`; a refused connection fails at once.
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> RegistryClient {
         let mut req = DealerClient::new(endpoint);
         // Nothing listening = no registry: say so now rather than after the timeout.
@@ -221,6 +250,7 @@ impl RegistryClient {
         ))
     }
 
+    /// The registry endpoint this client talks to.
     pub fn endpoint(&self) -> &str {
         self.req.endpoint()
     }
@@ -332,6 +362,7 @@ pub struct HeartbeatClient {
 }
 
 impl HeartbeatClient {
+    /// A client of `endpoint`; a refused connection fails at once.
     pub fn new(endpoint: impl Into<String>, timeout: Duration) -> HeartbeatClient {
         let mut dealer = DealerClient::new(endpoint);
         dealer.set_refused_is_final(true);
@@ -421,6 +452,7 @@ pub struct RegistryLocator {
 }
 
 impl RegistryLocator {
+    /// Looks up in the registry of `settings`, `timeout` per request.
     pub fn new(settings: RegistrySettings, timeout: Duration) -> RegistryLocator {
         RegistryLocator { settings, timeout }
     }
@@ -447,11 +479,26 @@ pub enum RegistrationState {
     /// The daemon has not started serving yet.
     NotStarted,
     /// Registering; `attempts` failed so far (the registry is absent or refused).
-    Registering { attempts: u32, last_error: String },
+    Registering {
+        /// Failed attempts so far.
+        attempts: u32,
+        /// Why the last attempt failed.
+        last_error: String,
+    },
     /// Registered and renewed.
-    Registered { service_id: String, host: String },
+    Registered {
+        /// The id the registry gave our record.
+        service_id: String,
+        /// The host address in our record.
+        host: String,
+    },
     /// Another live Process Manager holds the service type; we retry until it goes away.
-    Conflict { existing_id: String, endpoint: String },
+    Conflict {
+        /// The id of the other Process Manager's record.
+        existing_id: String,
+        /// Where the other Process Manager listens.
+        endpoint: String,
+    },
     /// Deregistered at shutdown.
     Deregistered,
 }
@@ -481,11 +528,13 @@ pub type HostIpFn = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 /// How the daemon registers.
 #[derive(Clone)]
 pub struct RegistrationConfig {
+    /// Where the registry listens.
     pub registry: RegistrySettings,
     /// `PROCESS_NAME` (the record's `name`).
     pub name: String,
     /// `SERVICE_TYPE`.
     pub service_type: String,
+    /// The record's time to live; renewals go every TTL/3.
     pub ttl: Duration,
     /// One registry request.
     pub timeout: Duration,
@@ -493,6 +542,7 @@ pub struct RegistrationConfig {
     pub id_file: PathBuf,
     /// How long to wait between attempts while unregistered.
     pub retry: Duration,
+    /// Finds the `host` of the record; `127.0.0.1` when it gives none within 2 s.
     pub host_ip: HostIpFn,
 }
 
@@ -526,6 +576,7 @@ impl Registration {
         }
     }
 
+    /// A registration not started yet, with the service id persisted in `id_file` (if any).
     pub fn new(config: RegistrationConfig) -> Registration {
         let persisted = read_id_file(&config.id_file);
         Registration {
@@ -953,7 +1004,9 @@ impl RegistryClient {
 /// A record removed by [`clear_stale_records`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClearedRecord {
+    /// The id of the deregistered record.
     pub service_id: String,
+    /// Its `host:port`, which refused the connection.
     pub endpoint: String,
 }
 
@@ -1015,6 +1068,7 @@ pub struct StaleRecordCleaner {
 }
 
 impl StaleRecordCleaner {
+    /// Clears records in the registry of `registry`, `timeout` per request and connection.
     pub fn new(registry: RegistrySettings, timeout: Duration) -> StaleRecordCleaner {
         StaleRecordCleaner { registry, timeout }
     }

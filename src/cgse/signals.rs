@@ -45,7 +45,9 @@ impl SignalTarget for super::registry::Registration {
 /// One command read from a file.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
+    /// `reregister`: register with the Service Registry again.
     Reregister {
+        /// `params.force`: deregister first, even when the registry still has our record.
         force: bool,
     },
     /// A valid command with an action we do not handle (the original's `reload` only logs too).
@@ -137,6 +139,7 @@ pub struct SignalWatcher {
 }
 
 impl SignalWatcher {
+    /// Watches `dir` for `<process_name>_*.json` command files and hands their commands to `target`.
     pub fn new(dir: PathBuf, process_name: String, target: Arc<dyn SignalTarget>) -> SignalWatcher {
         SignalWatcher {
             dir,

@@ -17,9 +17,13 @@ use crate::util::yyyymmdd;
 /// One housekeeping value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HkValue {
+    /// A string.
     Str(String),
+    /// An integer.
     Int(i64),
+    /// A float, written as Python's `repr`.
     Float(f64),
+    /// Python's `None`: an empty CSV field.
     None,
 }
 
@@ -38,11 +42,14 @@ impl HkValue {
 /// One record: ordered (column, value) pairs, `timestamp` first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HkRecord {
+    /// When the record was taken (it picks the daily file).
     pub when: SystemTime,
+    /// The (column, value) pairs.
     pub fields: Vec<(String, HkValue)>,
 }
 
 impl HkRecord {
+    /// The column names, in order.
     pub fn columns(&self) -> Vec<String> {
         self.fields.iter().map(|(k, _)| k.clone()).collect()
     }
@@ -122,6 +129,7 @@ pub struct LocalCsv {
 }
 
 impl LocalCsv {
+    /// Writes `<data_location>/daily/…/YYYYMMDD_<site_id>_<origin>.csv`; no columns in force yet.
     pub fn new(data_location: PathBuf, site_id: String, origin: String) -> LocalCsv {
         LocalCsv {
             data_location,
@@ -131,6 +139,7 @@ impl LocalCsv {
         }
     }
 
+    /// The data storage location the daily files are under.
     pub fn data_location(&self) -> &Path {
         &self.data_location
     }

@@ -41,12 +41,20 @@ const ALREADY_REGISTERED: &str = "is already registered";
 /// Why a Storage Manager call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// The request got no usable reply (no connection, no reply in time, an undecodable reply).
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The SM's endpoint could not be found (its host does not resolve, or the registry does not know it).
     #[error("cannot find the Storage Manager: {0}")]
     Discovery(String),
+    /// The SM answered, but not with success.
     #[error("the Storage Manager refused '{command}': {message}")]
-    Refused { command: String, message: String },
+    Refused {
+        /// The command it refused.
+        command: String,
+        /// Its reply.
+        message: String,
+    },
 }
 
 impl StorageError {
@@ -139,11 +147,15 @@ pub fn success_message(reply: &Value) -> Result<String, String> {
 /// Where the Storage Manager is and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct StorageManagerConfig {
+    /// Where the SM listens.
     pub sm: PeerSettings,
     /// For discovery when the SM's commanding port is 0.
     pub registry: RegistrySettings,
+    /// One registry request.
     pub registry_timeout: Duration,
+    /// The SM's reply.
     pub timeout: Duration,
+    /// Connecting to the SM: an SM that is down costs this.
     pub connect_timeout: Duration,
     /// `STORAGE_MNEMONIC`.
     pub origin: String,
@@ -184,6 +196,7 @@ pub struct StorageManagerSink {
 }
 
 impl StorageManagerSink {
+    /// Stores through the SM of `config`, failing over to `local`; nothing is contacted yet.
     pub fn new(config: StorageManagerConfig, local: LocalCsv) -> StorageManagerSink {
         let status = format!("Storage Manager (not contacted yet), else {}", local.describe());
         StorageManagerSink {

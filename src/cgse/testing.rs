@@ -74,7 +74,9 @@ pub type Script = Arc<dyn Fn(&Value) -> Option<Value> + Send + Sync>;
 
 /// A CGSE control server (pickle over ROUTER) that answers by script and records what it received.
 pub struct ScriptedServer {
+    /// The port it listens on (127.0.0.1).
     pub port: u16,
+    /// The requests received, decoded, in order.
     pub seen: Arc<Mutex<Vec<Value>>>,
     task: JoinHandle<()>,
 }
@@ -110,6 +112,7 @@ impl ScriptedServer {
         self.seen.lock().expect("seen").clone()
     }
 
+    /// Stop serving (abort the task).
     pub fn stop(&self) {
         self.task.abort();
     }
@@ -127,6 +130,7 @@ pub struct PullPeer {
 }
 
 impl PullPeer {
+    /// Bind on 127.0.0.1:`port` (panics when it cannot: the test fails).
     pub async fn bind(port: u16) -> PullPeer {
         let mut socket = PullSocket::new();
         socket

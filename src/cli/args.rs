@@ -8,16 +8,19 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use super::{ops, CliError, Flavour};
 use crate::daemon::DaemonConfig;
 
+/// The parsed command line.
 #[derive(Parser, Debug)]
-#[command(name = "pm_cs", version, about = "CGSE Process Manager control server (procman)")]
+#[command(name = "pm_cs", version, about = "CGSE Process Manager control server (procman)", long_about = None)]
 pub struct Cli {
     /// Local settings file merged over the defaults (instead of the one named by <PROJECT>_LOCAL_SETTINGS).
     #[arg(long, global = true, value_name = "FILE")]
     pub settings: Option<PathBuf>,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The commands.
 #[derive(Subcommand, Debug, Clone, PartialEq)]
 pub enum Command {
     /// Run the control server in the foreground until SIGINT, SIGTERM or quit_server.
@@ -46,14 +49,28 @@ pub enum Command {
         /// Keep printing new lines until Ctrl-C.
         #[arg(short, long)]
         follow: bool,
+        /// The process id.
+        #[arg(help = None)]
         id: String,
     },
     /// Start a managed process.
-    StartProcess { id: String },
+    StartProcess {
+        /// The process id.
+        #[arg(help = None)]
+        id: String,
+    },
     /// Stop a managed process.
-    StopProcess { id: String },
+    StopProcess {
+        /// The process id.
+        #[arg(help = None)]
+        id: String,
+    },
     /// Restart a managed process.
-    Restart { id: String },
+    Restart {
+        /// The process id.
+        #[arg(help = None)]
+        id: String,
+    },
     /// Re-read the process definitions and the Setup; print what changed.
     Reload {
         /// Print what would change, change nothing.
@@ -65,17 +82,30 @@ pub enum Command {
     /// Inspect pickled frames (a debugging aid; nothing is imported or executed).
     #[command(hide = true)]
     Pickle {
+        /// What to do with the pickle.
         #[command(subcommand)]
         action: PickleAction,
     },
 }
 
+/// The subcommands of `pickle`.
 #[derive(Subcommand, Debug, Clone, PartialEq)]
 pub enum PickleAction {
     /// Print the decoded structure of a pickle file.
-    Show { file: PathBuf },
+    Show {
+        /// The pickle file.
+        #[arg(help = None)]
+        file: PathBuf,
+    },
     /// Decode a pickle file and write it back with our encoder.
-    Reencode { input: PathBuf, output: PathBuf },
+    Reencode {
+        /// The pickle file to read.
+        #[arg(help = None)]
+        input: PathBuf,
+        /// Where to write the re-encoded pickle.
+        #[arg(help = None)]
+        output: PathBuf,
+    },
 }
 
 /// Parse `argv` (its first item is the program name shown in usage, e.g. `pm_cs` or `cgse procman`). On

@@ -5,14 +5,21 @@ use crate::codec::Value;
 /// One row of `pm_cs ps`, read from a `list_processes` record (plus what `/proc` says, when local).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PsRow {
+    /// Process id.
     pub id: String,
+    /// Its state (`?` when the record has none).
     pub state: String,
+    /// Pid of the running process.
     pub pid: Option<i64>,
+    /// Seconds since it started.
     pub uptime_s: Option<f64>,
+    /// Automatic restarts so far.
     pub restarts: i64,
+    /// Result of the last readiness probe; None when none ran (or the record does not say).
     pub ready: Option<bool>,
     /// Average CPU use since the process started, in percent of one core.
     pub cpu_percent: Option<f64>,
+    /// Resident set size in bytes, when `/proc` is readable here.
     pub rss_bytes: Option<u64>,
 }
 

@@ -27,12 +27,16 @@ use crate::transport;
 /// A failure of a CLI command, printed as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// The daemon could not run.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    /// The settings are unusable.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// No Process Manager answers at the endpoint.
     #[error("cannot reach the Process Manager at {0}")]
     Unreachable(String),
+    /// Anything else, as its message.
     #[error("{0}")]
     Other(String),
 }

@@ -67,30 +67,66 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CodecError {
+    /// The frame has no bytes.
     #[error("empty frame")]
     Empty,
+    /// The frame ends before STOP or inside an opcode's argument; the payload is the frame's length.
     #[error("pickle ends unexpectedly at byte {0}")]
     Truncated(usize),
+    /// A byte that is no pickle opcode.
     #[error("unknown pickle opcode 0x{opcode:02x} at byte {pos}")]
-    UnknownOpcode { opcode: u8, pos: usize },
+    UnknownOpcode {
+        /// The byte.
+        opcode: u8,
+        /// Its offset.
+        pos: usize,
+    },
+    /// A pickle opcode the codec does not implement.
     #[error("pickle opcode {name} (0x{opcode:02x}) at byte {pos} is not supported")]
-    Unsupported { name: &'static str, opcode: u8, pos: usize },
+    Unsupported {
+        /// The opcode's name.
+        name: &'static str,
+        /// The opcode.
+        opcode: u8,
+        /// Its offset.
+        pos: usize,
+    },
+    /// PROTO names a protocol version the codec does not accept.
     #[error("unsupported pickle protocol {0}")]
     Protocol(u8),
+    /// The opcodes do not make a valid pickle (bad argument, wrong stack contents, unknown memo key, …).
     #[error("malformed pickle at byte {pos}: {reason}")]
-    Malformed { pos: usize, reason: String },
+    Malformed {
+        /// The offset of the offending opcode.
+        pos: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The frame is longer than `Limits::max_frame_bytes`.
     #[error("pickle of {size} bytes exceeds the limit of {limit} bytes")]
-    FrameTooLarge { size: usize, limit: usize },
+    FrameTooLarge {
+        /// The frame's length in bytes.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Containers nest deeper than `Limits::max_depth` (the payload).
     #[error("pickle nesting exceeds the depth limit of {0}")]
     TooDeep(usize),
+    /// The memo would hold more than `Limits::max_memo` entries (the payload).
     #[error("pickle memo exceeds the limit of {0} entries")]
     MemoTooLarge(usize),
+    /// A container would hold more than `Limits::max_container_len` items (the payload).
     #[error("pickle container exceeds the length limit of {0} items")]
     ContainerTooLarge(usize),
+    /// The pickle expands to more values than the frame's budget (the payload), from `Limits::max_nodes`
+    /// and `Limits::max_nodes_per_byte`.
     #[error("pickle expands to more than {0} values")]
     TooManyNodes(usize),
+    /// A value contains itself (through the memo).
     #[error("pickle contains a recursive structure, which is not supported")]
     Recursive,
+    /// Bytes follow the STOP opcode; the payload is the offset of the first.
     #[error("trailing data after STOP at byte {0}")]
     TrailingData(usize),
 }

@@ -9,23 +9,37 @@
 /// `device_args` inside `get_devices` is a list). Dicts keep insertion order, as Python does.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// `None`.
     None,
+    /// `bool`.
     Bool(bool),
+    /// `int` within the i64 range.
     Int(i64),
     /// An integer outside the i64 range: minimal little-endian two's-complement bytes, as LONG1 carries them.
     BigInt(Vec<u8>),
+    /// `float`.
     Float(f64),
+    /// `str`.
     Str(String),
+    /// `bytes`.
     Bytes(Vec<u8>),
+    /// `bytearray`.
     ByteArray(Vec<u8>),
+    /// `list`.
     List(Vec<Value>),
+    /// `tuple`.
     Tuple(Vec<Value>),
+    /// `dict`: (key, value) pairs in insertion order.
     Dict(Vec<(Value, Value)>),
+    /// `set`: its members.
     Set(Vec<Value>),
+    /// `frozenset`: its members.
     FrozenSet(Vec<Value>),
     /// A reference to a class or function, never resolved.
     Global {
+        /// The module (`egse.response`).
         module: String,
+        /// The qualified name within it (`Failure`).
         qualname: String,
     },
     /// An instance built by NEWOBJ / NEWOBJ_EX / REDUCE, optionally completed by BUILD.
@@ -46,6 +60,7 @@ pub enum ObjectKind {
 pub struct Object {
     /// Usually a [`Value::Global`]; REDUCE allows any callable value.
     pub class: Value,
+    /// How it was constructed.
     pub kind: ObjectKind,
     /// Positional constructor arguments (a tuple in the pickle).
     pub args: Vec<Value>,
@@ -104,6 +119,7 @@ impl Value {
         }))
     }
 
+    /// The string, if this is a `Str`.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),

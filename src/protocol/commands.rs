@@ -15,7 +15,9 @@ pub const COMMANDS_YAML: &str = include_str!("../../settings/commands.yaml");
 /// Which REQ-REP socket a table belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SocketKind {
+    /// The commanding socket (`COMMANDING_PORT`).
     Commanding,
+    /// The service socket (`SERVICE_PORT`).
     Service,
 }
 
@@ -31,12 +33,23 @@ impl std::fmt::Display for SocketKind {
 /// Why the command table is unusable (a programming error in `commands.yaml`, caught by tests).
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
+    /// The YAML does not parse into the tables.
     #[error("command table YAML is invalid: {0}")]
     Yaml(String),
+    /// A `_cmd` template has both `{}` and `{name}` placeholders.
     #[error("command '{name}': template '{cmd}' mixes positional and named placeholders")]
-    MixedPlaceholders { name: String, cmd: String },
+    MixedPlaceholders {
+        /// The command.
+        name: String,
+        /// Its template.
+        cmd: String,
+    },
+    /// A service-table command without its `handler` key.
     #[error("command '{name}' of the service table has no handler")]
-    MissingHandler { name: String },
+    MissingHandler {
+        /// The command.
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,9 +96,13 @@ struct RawTables {
 /// The argument counts derived from a `_cmd` template.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Placeholders {
+    /// All placeholders (`_tot_n_args`).
     pub total: usize,
+    /// Unnamed ones, `{}` (`_n_args`).
     pub positional: usize,
+    /// Named ones, `{name}` (`_n_kwargs`).
     pub named: usize,
+    /// The names of the named ones, in order (`_keys`).
     pub keys: Vec<String>,
 }
 
@@ -118,9 +135,13 @@ pub fn parse_placeholders(cmd: &str) -> Placeholders {
 /// One command of a table.
 #[derive(Debug, Clone)]
 pub struct CommandSpec {
+    /// The command's name (`_name`).
     pub name: String,
+    /// Its template (`_cmd`).
     pub cmd: String,
+    /// Its description (`_description`), if any.
     pub description: Option<String>,
+    /// The argument counts of `cmd`.
     pub placeholders: Placeholders,
     /// The pickled command object (`_name`, `_cmd`, … `__doc__`).
     pub object: Value,
@@ -129,6 +150,7 @@ pub struct CommandSpec {
 /// A socket's command table: the specs in order and the `send_commands` reply.
 #[derive(Debug, Clone)]
 pub struct CommandTable {
+    /// The socket the table belongs to.
     pub kind: SocketKind,
     specs: Vec<CommandSpec>,
 }
@@ -154,6 +176,7 @@ impl CommandTable {
         )
     }
 
+    /// The commands in table order.
     pub fn specs(&self) -> &[CommandSpec] {
         &self.specs
     }

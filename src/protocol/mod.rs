@@ -36,10 +36,13 @@ pub enum RequestForm {
 /// A request reduced to what the dispatcher needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
+    /// The shape the request came in.
     pub form: RequestForm,
     /// The command name; `None` when the request does not name one.
     pub name: Option<String>,
+    /// Positional arguments (`args` of a dict, `_args` of a `CommandExecution`).
     pub args: Vec<Value>,
+    /// Keyword arguments, (name, value) in the order sent.
     pub kwargs: Vec<(Value, Value)>,
 }
 
@@ -138,15 +141,22 @@ pub fn command_execution(cmd: Value, args: Vec<Value>, kwargs: Vec<(Value, Value
 /// A builtin Python exception class carried as the `cause` of a `Failure`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PyExc {
+    /// `TypeError`.
     TypeError,
+    /// `ValueError`.
     ValueError,
+    /// `KeyError`.
     KeyError,
+    /// `RuntimeError`.
     RuntimeError,
+    /// `TimeoutError`.
     TimeoutError,
+    /// `ConnectionError`.
     ConnectionError,
 }
 
 impl PyExc {
+    /// The class name in `builtins`.
     pub fn name(self) -> &'static str {
         match self {
             PyExc::TypeError => "TypeError",

@@ -15,7 +15,12 @@ use super::error::DefinitionError;
 pub enum GraphError {
     /// `id` depends on a process that is not defined.
     #[error("{id} depends on {dependency}, which is not defined")]
-    Unknown { id: String, dependency: String },
+    Unknown {
+        /// The process that depends.
+        id: String,
+        /// The undefined process it depends on.
+        dependency: String,
+    },
     /// The ids on a cycle, in dependency order; the first one is repeated at the end.
     #[error("dependency cycle: {}", .0.join(" → "))]
     Cycle(Vec<String>),
