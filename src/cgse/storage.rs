@@ -61,7 +61,9 @@ pub enum SinkError {
     /// Stored nowhere: the Storage Manager did not take the record (`reason`) and the local file failed too.
     #[error("housekeeping record lost: not stored by the Storage Manager ({reason}) nor in the local file: {source}")]
     Lost {
+        /// Why the Storage Manager did not store it.
         reason: String,
+        /// Why the local file did not either.
         #[source]
         source: std::io::Error,
     },
@@ -70,7 +72,12 @@ pub enum SinkError {
     Local(#[from] std::io::Error),
     /// The Storage Manager did not accept the registration; records go to the local file meanwhile.
     #[error("{reason}; housekeeping goes to the local CSV files under {} until the Storage Manager is back", .fallback.display())]
-    NotRegistered { reason: String, fallback: PathBuf },
+    NotRegistered {
+        /// What the Storage Manager (or the attempt to reach it) said.
+        reason: String,
+        /// The folder of the daily files written meanwhile.
+        fallback: PathBuf,
+    },
     /// Several records failed at once (records in doubt settled together).
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Several(Vec<SinkError>),
