@@ -187,6 +187,9 @@ pub async fn start(
     let pm = &config.pm;
     let p = &config.procman;
     let addr = p.bind_address.as_str();
+    if !config.env.project_was_set {
+        info!(project = %config.env.project, "PROJECT is not set: settings and environment variables of the default project are used");
+    }
     let open_files = crate::util::raise_open_files_limit();
     if let Some(n) = open_files {
         debug!(open_files = n, "open-files limit");
