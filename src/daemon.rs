@@ -364,12 +364,30 @@ pub async fn start(
         }
         let left = timeout.saturating_sub(started.elapsed());
         let _ = tokio::time::timeout(left, tasks.wait()).await;
-        // zmq.rs has no linger: give the writer tasks a moment to put the last replies on the wire.
-        tokio::time::sleep(Duration::from_millis(50).min(timeout.saturating_sub(started.elapsed()))).await;
+        // zmq.rs has no linger. The sockets are closed now; their writer tasks end once the last replies
+        // (quit_server's among them) are on the wire (zmq.rs patch 10). Wait for that, bounded.
+        let drain = Duration::from_millis(DRAIN_LIMIT_MS).min(timeout.saturating_sub(started.elapsed()));
+        let drained = tokio::time::timeout(drain, async {
+            while zeromq::limits::live_writers() > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .is_ok();
+        if !drained {
+            debug!(
+                writers = zeromq::limits::live_writers(),
+                "writers still busy at the end of the drain wait"
+            );
+        }
         info!(elapsed_ms = started.elapsed().as_millis() as u64, "stopped");
     });
     Ok(RunningDaemon { ports, shutdown, done })
 }
+
+/// Longest wait at shutdown for the sockets' writer tasks to put the last replies on the wire (a peer that
+/// does not read would otherwise hold the exit).
+const DRAIN_LIMIT_MS: u64 = 200;
 
 /// Run until `signal` completes or `quit_server` arrives, then shut down in order.
 pub async fn run(

@@ -134,11 +134,15 @@ impl Pusher {
         }
     }
 
-    /// Wait until the queue is empty or `limit` passes (at shutdown, so the last lines leave too).
+    /// Wait until the queue is empty or `limit` passes (at shutdown, so the last lines leave too). Without a
+    /// connection nothing can leave: it returns at once rather than hold the exit for the whole `limit`.
     pub async fn flush(&self, limit: Duration) {
         let end = tokio::time::Instant::now() + limit;
-        while self.tx.capacity() < self.tx.max_capacity() && tokio::time::Instant::now() < end {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        while self.tx.capacity() < self.tx.max_capacity()
+            && self.stats.connected.load(Ordering::Relaxed)
+            && tokio::time::Instant::now() < end
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -239,6 +243,22 @@ mod tests {
         let stats = p.stats().clone();
         crate::cgse::testing::wait_until(Duration::from_secs(5), || stats.dropped() == 10).await;
         assert_eq!(stats.dropped(), 10, "the 4 queued ones count as dropped at shutdown");
+    }
+
+    #[tokio::test]
+    async fn flush_does_not_wait_for_a_peer_that_is_not_there() {
+        let port = free_port_listener().local_addr().unwrap().port();
+        let cancel = CancellationToken::new();
+        let p = Pusher::start(config(port, 4), cancel.clone());
+        assert!(p.push(vec![1]));
+        let stats = p.stats().clone();
+        crate::cgse::testing::wait_until(Duration::from_secs(10), || {
+            !stats.connected.load(Ordering::Relaxed) && !stats.last_error.lock().unwrap().is_empty()
+        })
+        .await;
+        // An hour's limit: a flush that waited for the queue to empty would hang here.
+        crate::cgse::testing::within(Duration::from_secs(10), "flush", p.flush(Duration::from_secs(3600))).await;
+        cancel.cancel();
     }
 
     #[tokio::test]

@@ -367,7 +367,10 @@ impl MultiPeerBackend for GenericSocketBackend {
         self.touch(peer_id);
         let writer_backend = self.clone();
         let writer_peer_id = peer_id.clone();
+        // procman patch 10: counted while it runs, so a closing process can wait for the last replies.
+        let guard = crate::limits::WriterGuard::new();
         async_rt::task::spawn(async move {
+            let _guard = guard;
             use futures::FutureExt;
             // Fired: stop now (dropping the queue and the connection). Dropped unfired: drain as before.
             let stopped = async move {

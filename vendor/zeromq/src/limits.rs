@@ -110,3 +110,29 @@ pub fn set_handshake_timeout(limit: Duration) {
     let ms = if ms == 0 && !limit.is_zero() { 1 } else { ms };
     HANDSHAKE_TIMEOUT_MS.store(ms, Ordering::Relaxed);
 }
+
+/// Peer writer tasks alive in the process (procman patch 10). A closed socket's writers go on until
+/// everything queued for their peers is on the wire, so a process that exits once this is 0 loses no reply;
+/// upstream gives no way to know, and callers slept for a guessed while.
+static LIVE_WRITERS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many peer writer tasks are still running (still flushing queued messages, or waiting for more).
+pub fn live_writers() -> usize {
+    LIVE_WRITERS.load(Ordering::Acquire)
+}
+
+/// Held by a writer task for its lifetime: counts it in [`live_writers`].
+pub(crate) struct WriterGuard(());
+
+impl WriterGuard {
+    pub(crate) fn new() -> WriterGuard {
+        LIVE_WRITERS.fetch_add(1, Ordering::AcqRel);
+        WriterGuard(())
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        LIVE_WRITERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
