@@ -290,20 +290,28 @@ impl<S: Socket> Lazy<S> {
     }
 }
 
-/// A REQ client that survives a dead or restarted server: after any error or timeout the socket is
+/// A request client that survives a dead or restarted server: after any error or timeout the socket is
 /// dropped and the next request connects afresh, so a late reply can never answer the wrong request.
 ///
-/// Connecting has its own, usually shorter, bound ([`ReqClient::set_connect_timeout`]): zmq.rs retries a
+/// Connecting has its own, usually shorter, bound ([`LazyClient::set_connect_timeout`]): zmq.rs retries a
 /// refused connection until its connect timeout, so a dead peer would otherwise cost the whole request
 /// timeout. A connect failure is [`TransportError::Connect`]: the request was certainly not sent.
-pub struct ReqClient {
-    conn: Lazy<zeromq::ReqSocket>,
+pub struct LazyClient<S> {
+    conn: Lazy<S>,
 }
 
-impl ReqClient {
+/// A REQ client of a CGSE control server (one pickled frame each way).
+pub type ReqClient = LazyClient<zeromq::ReqSocket>;
+
+/// A DEALER client for JSON request/reply peers (the Service Registry). The registry's replies carry no
+/// request id, so correlation is by construction: the socket is dropped after any error or timeout (a late
+/// reply dies with it), and anything already waiting on a kept socket is discarded before the next request.
+pub type DealerClient = LazyClient<zeromq::DealerSocket>;
+
+impl<S: Socket> LazyClient<S> {
     /// A client of `endpoint`; nothing connects before the first request.
-    pub fn new(endpoint: impl Into<String>) -> ReqClient {
-        ReqClient {
+    pub fn new(endpoint: impl Into<String>) -> LazyClient<S> {
+        LazyClient {
             conn: Lazy::new(endpoint.into()),
         }
     }
@@ -332,7 +340,9 @@ impl ReqClient {
     pub fn reset(&mut self) {
         self.conn.socket = None;
     }
+}
 
+impl ReqClient {
     /// Send one frame and wait for one frame, all within `timeout` (connecting included).
     pub async fn request(&mut self, payload: Vec<u8>, timeout: Duration) -> Result<Bytes, TransportError> {
         let started = std::time::Instant::now();
@@ -376,42 +386,7 @@ impl ReqClient {
     }
 }
 
-/// A DEALER client for JSON request/reply peers (the Service Registry), with the same reset-on-failure
-/// discipline as [`ReqClient`]. The registry's replies carry no request id, so correlation is by
-/// construction: the socket is dropped after any error or timeout (a late reply dies with it), and
-/// anything already waiting on a kept socket is discarded before the next request is sent.
-pub struct DealerClient {
-    conn: Lazy<zeromq::DealerSocket>,
-}
-
 impl DealerClient {
-    /// A client of `endpoint`; nothing connects before the first request.
-    pub fn new(endpoint: impl Into<String>) -> DealerClient {
-        DealerClient {
-            conn: Lazy::new(endpoint.into()),
-        }
-    }
-
-    /// Fail at once when nothing listens, instead of retrying until the connect bound.
-    pub fn set_refused_is_final(&mut self, yes: bool) {
-        self.conn.refused_is_final = yes;
-    }
-
-    /// The peer's endpoint.
-    pub fn endpoint(&self) -> &str {
-        &self.conn.endpoint
-    }
-
-    /// Bound the connection phase separately (default: the request timeout).
-    pub fn set_connect_timeout(&mut self, limit: Duration) {
-        self.conn.connect_timeout = Some(limit);
-    }
-
-    /// Drop the socket; the next request reconnects.
-    pub fn reset(&mut self) {
-        self.conn.socket = None;
-    }
-
     /// Send `frames` and wait for one multi-frame reply within `timeout`.
     pub async fn request(&mut self, frames: Vec<Bytes>, timeout: Duration) -> Result<Vec<Bytes>, TransportError> {
         let started = std::time::Instant::now();

@@ -13,7 +13,7 @@
 //! - [`signals`]: the command files CGSE writes to `/tmp/cgse_signals` (`reregister`).
 //! - [`push`]: the bounded, never-blocking PUSH sender the Logger and the Metrics Hub share.
 //!
-//! Tests of these clients talk to the peers of [`testing`] (a scripted control server, a PULL receiver).
+//! Tests of these clients talk to the peers of `testing` (a scripted control server, a PULL receiver).
 
 pub mod confman;
 pub mod logger;

@@ -334,7 +334,7 @@ pub(crate) async fn open_log(path: &Path, truncate: bool) -> io::Result<tokio::f
         .map(tokio::fs::File::from_std)
 }
 
-/// The blocking part of [`open_log`]; also used for the housekeeping CSV files.
+/// The blocking part of `open_log`; also used for the housekeeping CSV files.
 pub fn open_owned_file(path: &Path, truncate: bool) -> io::Result<File> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let mut opts = OpenOptions::new();
