@@ -155,8 +155,8 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def daemon_pids() -> list[int]:
-    """Daemons of this session: ``procman_cs start`` processes whose environment names our settings file."""
+def pids_of(pattern: list[str], env_marker: str) -> list[int]:
+    """Pids whose command line holds every item of ``pattern`` and whose environment contains ``env_marker``."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -166,9 +166,14 @@ def daemon_pids() -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if b"egse.procman.procman_cs" in argv and b"start" in argv and str(SETTINGS_FILE).encode() in environ:
+        if all(p.encode() in argv for p in pattern) and env_marker.encode() in environ:
             found.append(int(entry.name))
     return found
+
+
+def daemon_pids() -> list[int]:
+    """Daemons of this session: ``procman_cs start`` processes whose environment names our settings file."""
+    return pids_of(["egse.procman.procman_cs", "start"], str(SETTINGS_FILE))
 
 
 @dataclass

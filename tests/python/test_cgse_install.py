@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import pids_of
 
 REPO = Path(__file__).resolve().parents[2]
 PREPARE = REPO / "scripts" / "prepare-cgse-install.sh"
@@ -283,22 +284,6 @@ class Site:
     ran: bool = False  # cgse core start/stop ran to its end in this site
 
 
-def _pids_of(pattern: list[str], env_marker: str) -> list[int]:
-    """Pids whose command line holds every item of ``pattern`` and whose environment names ``env_marker``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if all(p.encode() in argv for p in pattern) and env_marker.encode() in environ:
-            found.append(int(entry.name))
-    return found
-
-
 def _site_pids(marker: str) -> list[int]:
     """Every process whose environment names this site (the services cgse core start spawned)."""
     found = []
@@ -384,7 +369,7 @@ def test_cgse_core_start_status_stop_runs_our_process_manager(site: Site) -> Non
     marker = str(s.root)
 
     def pm_pids() -> list[int]:
-        return _pids_of(["egse.procman.procman_cs", "start"], marker)
+        return pids_of(["egse.procman.procman_cs", "start"], marker)
 
     _wait(lambda: len(pm_pids()) == 1, 60, "one `procman_cs start` process")
     (pid,) = pm_pids()
