@@ -57,10 +57,24 @@ pub fn level_from_python(level: i64) -> LevelFilter {
     }
 }
 
+/// Why the log filter could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    /// A thread panicked while holding the filter state.
+    #[error("the log filter state is poisoned")]
+    Poisoned,
+    /// The filter built from the levels does not parse (a target name it cannot take).
+    #[error("invalid log filter: {0}")]
+    Filter(String),
+    /// The subscriber is gone or refused the new filter.
+    #[error("cannot reload the log filter: {0}")]
+    Reload(String),
+}
+
 /// Run-time control of the log filter.
 pub trait LogControl: Send + Sync {
     /// Set the level of one target, or of everything when `target` is `None`.
-    fn set_level(&self, target: Option<&str>, level: LevelFilter) -> Result<(), String>;
+    fn set_level(&self, target: Option<&str>, level: LevelFilter) -> Result<(), LogLevelError>;
 }
 
 /// A `LogControl` that only remembers (for tests and for embedders with their own subscriber).
@@ -71,7 +85,7 @@ pub struct RecordingLogControl {
 }
 
 impl LogControl for RecordingLogControl {
-    fn set_level(&self, target: Option<&str>, level: LevelFilter) -> Result<(), String> {
+    fn set_level(&self, target: Option<&str>, level: LevelFilter) -> Result<(), LogLevelError> {
         if let Ok(mut c) = self.calls.lock() {
             c.push((target.map(str::to_owned), level));
         }
@@ -85,8 +99,8 @@ struct ReloadControl {
 }
 
 impl LogControl for ReloadControl {
-    fn set_level(&self, target: Option<&str>, level: LevelFilter) -> Result<(), String> {
-        let mut state = self.state.lock().map_err(|_| "log state poisoned".to_owned())?;
+    fn set_level(&self, target: Option<&str>, level: LevelFilter) -> Result<(), LogLevelError> {
+        let mut state = self.state.lock().map_err(|_| LogLevelError::Poisoned)?;
         match target {
             None => {
                 state.0 = level;
@@ -100,8 +114,10 @@ impl LogControl for ReloadControl {
         for (t, l) in &state.1 {
             spec.push_str(&format!(",{t}={l}"));
         }
-        let filter = EnvFilter::try_new(&spec).map_err(|e| e.to_string())?;
-        self.handle.reload(filter).map_err(|e| e.to_string())
+        let filter = EnvFilter::try_new(&spec).map_err(|e| LogLevelError::Filter(e.to_string()))?;
+        self.handle
+            .reload(filter)
+            .map_err(|e| LogLevelError::Reload(e.to_string()))
     }
 }
 

@@ -253,14 +253,18 @@ impl ServiceHandler {
                 };
                 let filter = logging::level_from_python(level);
                 if name == "all" {
-                    s.log.set_level(None, filter).map_err(CommandError::Failed)?;
+                    s.log
+                        .set_level(None, filter)
+                        .map_err(|e| CommandError::Failed(e.to_string()))?;
                     return Ok(Value::Str(format!(
                         "Logging level set to {level} for ALL 'egse' loggers"
                     )));
                 }
                 match logging::target_for(&name) {
                     Some(target) => {
-                        s.log.set_level(Some(target), filter).map_err(CommandError::Failed)?;
+                        s.log
+                            .set_level(Some(target), filter)
+                            .map_err(|e| CommandError::Failed(e.to_string()))?;
                         Ok(Value::Str(format!("Logging level for {name} set to {level}.")))
                     }
                     None => Ok(Value::Str(format!(
