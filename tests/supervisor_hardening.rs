@@ -18,7 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use procman::cgse::storage::{daily_file, HkRecord, HkValue, LocalCsv};
 use procman::supervisor::{install_reaper, sys, ProcessState, RestartPolicy, ID_ENV, OWNER_ENV, STATE_FILE};
-use supervisor_util::{config, def, eventually, spawn_helper, Harness, KillGuard, TempDir};
+use supervisor_util::{config, def, eventually, settled_cmdline, spawn_helper, Harness, KillGuard, TempDir};
 
 const T: Duration = Duration::from_secs(15);
 const HELPER_ENV: &str = "HARDENING_HELPER_DIR";
@@ -91,7 +91,7 @@ async fn helper_entry() {
             "process": {
                 "pid": victim, "pgid": victim, "groups": [victim, decoy, me],
                 "start_ticks": st.start_ticks,
-                "cmdline": sys::cmdline(victim).unwrap(), "argv": ["sleep", "1000.11"],
+                "cmdline": settled_cmdline(victim), "argv": ["sleep", "1000.11"],
             },
             "start_time": 0.0, "restarts": 0, "last_error": null,
         }],

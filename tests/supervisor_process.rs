@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use procman::supervisor::{
     sys, EventKind, PingTarget, ProcessDefinition, ProcessState, Readiness, ReadinessProbe, RestartPolicy,
 };
-use supervisor_util::{config, def, eventually, Harness, TempDir};
+use supervisor_util::{config, def, eventually, settled_cmdline, Harness, TempDir};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -31,7 +31,7 @@ async fn start_stop_status_of_sleep() {
     assert_eq!(r.pgid, Some(pid), "own process group");
     assert_eq!(sys::stat(pid).unwrap().pgrp, pid);
     assert!(r.start_time.is_some() && r.uptime_s.is_some());
-    assert_eq!(sys::cmdline(pid).unwrap(), ["sleep", "1000"]);
+    assert_eq!(settled_cmdline(pid), ["sleep", "1000"]);
     // Starting again is a no-op.
     h.sup.start("basic-sleep").await.unwrap();
     assert_eq!(h.sup.get("basic-sleep").unwrap().pid, Some(pid));
@@ -481,7 +481,7 @@ async fn apply_restarts_only_changed_definitions() {
             e.id == "apply-b" && e.new_state == ProcessState::Running && e.pid != Some(pid_b)
         })
         .await;
-    assert_eq!(sys::cmdline(nb.pid.unwrap()).unwrap(), ["sleep", "1003"]);
+    assert_eq!(settled_cmdline(nb.pid.unwrap()), ["sleep", "1003"]);
     h.wait_state("apply-d", ProcessState::Running, T).await;
     h.wait_event(T, |e| e.id == "apply-c" && e.kind == EventKind::Removed)
         .await;

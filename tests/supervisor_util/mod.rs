@@ -257,3 +257,17 @@ pub fn spawn_helper(
     });
     (helper, rx)
 }
+
+/// `/proc/<pid>/cmdline` once the kernel has filled it in. A spawn returns as soon as exec has begun and the
+/// new command line appears a moment later (on a loaded machine, visibly later): read once, it can be empty.
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn settled_cmdline(pid: i32) -> Vec<String> {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match procman::supervisor::sys::cmdline(pid) {
+            Ok(c) if !c.is_empty() => return c,
+            _ if Instant::now() > end => panic!("no command line for {pid} within 10 s"),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
