@@ -261,7 +261,16 @@ async fn a_lying_frame_length_cannot_kill_the_daemon() {
     s.write_all(&[0x02]).unwrap();
     s.write_all(&(1u64 << 40).to_be_bytes()).unwrap();
     s.write_all(&[b'x'; 100]).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The daemon refuses the frame by closing the connection (EOF or a reset), and serves on.
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = [0u8; 256];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break true,
+            Ok(_) => continue, // its READY
+        }
+    };
+    assert!(closed);
     assert_pong(&mut cmd_client(&d)).await;
     d.stop();
     d.wait().await;
@@ -277,15 +286,15 @@ async fn a_peer_that_never_completes_the_handshake_is_dropped() {
     let port = d.ports.commanding;
     // Ten bytes of a greeting, then silence (a half-open or stalled peer).
     let mut stalled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stalled.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     stalled.write_all(&[0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f]).unwrap();
     // A connection that says nothing at all.
     let mut mute = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    mute.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    mute.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     // A real client that handshakes, then idles well past the limit: it is not affected.
     let mut c = cmd_client(&d);
     assert_pong(&mut c).await;
-    let t0 = std::time::Instant::now();
+    let idle_since = Instant::now();
     for (name, s) in [("stalled", &mut stalled), ("mute", &mut mute)] {
         // Our side of the greeting may arrive first; the connection must then end (EOF or reset).
         let mut buf = [0u8; 256];
@@ -299,14 +308,11 @@ async fn a_peer_that_never_completes_the_handshake_is_dropped() {
                 Err(_) => break true,
             }
         };
-        assert!(closed, "{name}: connection still open after {:?}", t0.elapsed());
+        assert!(closed, "{name}: connection still open after {:?}", idle_since.elapsed());
     }
-    assert!(
-        t0.elapsed() < Duration::from_secs(3),
-        "closed only after {:?}",
-        t0.elapsed()
-    );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The real client must have idled past the limit (a duration this test is about, not a guess at
+    // how long something takes).
+    tokio::time::sleep_until((idle_since + Duration::from_millis(600)).into()).await;
     assert_pong(&mut c).await;
     assert_pong(&mut cmd_client(&d)).await;
     zeromq::limits::set_handshake_timeout(Duration::from_secs(10));
@@ -319,10 +325,10 @@ async fn monitoring_publishes_status_at_the_configured_delay() {
     let (d, _dir) = start("").await;
     let mut s = svc_client(&d);
     assert_eq!(
-        s.call("set_monitoring_frequency", vec![Value::Float(4.0)], vec![])
+        s.call("set_monitoring_frequency", vec![Value::Float(0.5)], vec![])
             .await
             .unwrap(),
-        Value::Float(250.0)
+        Value::Float(2000.0)
     );
     let mut sub = zeromq::SubSocket::new();
     sub.connect(&format!("tcp://127.0.0.1:{}", d.ports.monitoring))
@@ -330,9 +336,9 @@ async fn monitoring_publishes_status_at_the_configured_delay() {
         .unwrap();
     sub.subscribe("").await.unwrap();
     let mut stamps = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stamps.len() < 4 && Instant::now() < deadline {
-        let msg = tokio::time::timeout(Duration::from_secs(2), sub.recv())
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stamps.len() < 3 && Instant::now() < deadline {
+        let msg = tokio::time::timeout(Duration::from_secs(10), sub.recv())
             .await
             .unwrap()
             .unwrap();
@@ -340,18 +346,17 @@ async fn monitoring_publishes_status_at_the_configured_delay() {
         assert_eq!(frames.len(), 1, "one frame, no topic");
         let v = codec::decode(&frames[0], &Limits::default()).unwrap();
         if v.get("PID").is_some() {
-            assert_eq!(v.get("delay"), Some(&Value::Float(250.0)));
+            assert_eq!(v.get("delay"), Some(&Value::Float(2000.0)));
             assert!(v.get("UUID").and_then(Value::as_object).unwrap().is("uuid", "UUID"));
             stamps.push(Instant::now());
         }
     }
-    assert_eq!(stamps.len(), 4);
-    // Never faster than the delay; on average clearly the 250 ms asked for, not the 1 s default (the
-    // bound leaves room for a loaded machine; the precise intervals are the benchmark's job).
+    assert_eq!(stamps.len(), 3);
+    // A delay longer than the 1 s default, so that a lower bound alone tells "the setting took effect"
+    // (a busy machine only makes gaps longer; the publisher sleeps the whole delay after each message, so
+    // it never catches up in a burst). The precise intervals are the benchmark's job.
     let gaps: Vec<Duration> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
-    assert!(gaps.iter().all(|g| *g > Duration::from_millis(150)), "{gaps:?}");
-    let mean = gaps.iter().sum::<Duration>() / gaps.len() as u32;
-    assert!(mean < Duration::from_millis(800), "{gaps:?}");
+    assert!(gaps.iter().all(|g| *g > Duration::from_millis(1500)), "{gaps:?}");
     d.stop();
     d.wait().await;
 }
@@ -544,11 +549,20 @@ async fn a_client_that_never_reads_its_replies_is_dropped() {
     }
     // The daemon may close the connection while we write: that is the expected outcome too.
     let _ = s.write_all(&burst);
-    // Wait without reading until the daemon has given up on us, then read: EOF (or a reset) must come
-    // after at most the socket buffers' worth of replies.
+    // Wait without reading until the daemon has given up on us (its end of the connection leaves
+    // ESTABLISHED: reading would drain the buffers and let it go on), then read: EOF (or a reset) must
+    // come after at most the socket buffers' worth of replies.
     let mut c = cmd_client(&d);
     assert_pong(&mut c).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ours = s.local_addr().unwrap().port();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while support::tcp::state(d.ports.commanding, ours) == Some(support::tcp::ESTABLISHED) {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon kept a client that never reads for 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0usize;
     let closed = loop {
@@ -580,7 +594,7 @@ async fn connections_beyond_the_cap_are_closed() {
     let held: Vec<_> = (0..5).map(|_| zmtp_connect(d.ports.service, b"DEALER")).collect();
     // The sixth is accepted by the kernel and closed by the daemon without a greeting.
     let mut extra = std::net::TcpStream::connect(("127.0.0.1", d.ports.service)).unwrap();
-    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut buf = [0u8; 64];
     let closed = match extra.read(&mut buf) {
         Ok(0) => true,

@@ -121,7 +121,13 @@ async fn readopts_after_supervisor_is_killed() {
         assert!(r.adopted);
         assert_eq!(sys::stat(*p).unwrap().ppid, std::process::id() as i32);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Each record decides once, in its start-up, between adopting and spawning: adopted means nothing was
+    // (or will be) spawned for it. No STARTING event, and one process per command line.
+    assert!(
+        h.events_of(tag).iter().all(|e| e.new_state != ProcessState::Starting),
+        "{:?}",
+        h.events_of(tag)
+    );
     for i in 0..3 {
         let argv = format!("1000.{}{i}", tag.len());
         assert_eq!(count_cmdline(&["sleep", &argv]), 1, "no duplicate of {tag}-{i}");

@@ -36,10 +36,8 @@ async fn start_stop_status_of_sleep() {
     h.sup.start("basic-sleep").await.unwrap();
     assert_eq!(h.sup.get("basic-sleep").unwrap().pid, Some(pid));
 
-    let t0 = Instant::now();
+    // That `stop` returns before the process is gone is shown by commands_are_served_during_a_slow_stop.
     h.sup.stop("basic-sleep").await.unwrap();
-    // "At once": well before any stop could complete (figures come from examples/supervisor_bench).
-    assert!(t0.elapsed() < Duration::from_millis(500), "stop returns at once");
     let r = h.wait_state("basic-sleep", ProcessState::Stopped, T).await;
     assert_eq!(r.exit_signal, Some(Signal::SIGTERM as i32));
     assert_eq!(r.restarts, 0);
@@ -88,13 +86,11 @@ async fn kill_9_is_restarted_after_backoff() {
         restart.as_secs_f64() * 1e3,
         restart.as_secs_f64() * 1e3 - 200.0
     );
+    // A lower bound only: a busy machine makes restarts later, never earlier (how soon after the backoff
+    // is the benchmark's figure).
     assert!(
         restart >= Duration::from_millis(195),
         "restarted before the backoff: {restart:?}"
-    );
-    assert!(
-        restart < Duration::from_millis(200 + 1500),
-        "restart too late: {restart:?}"
     );
 
     // Sequence numbers are contiguous from 1.
@@ -131,7 +127,8 @@ async fn always_failing_process_goes_fatal() {
         .filter(|e| e.new_state == ProcessState::Starting)
         .count();
     assert_eq!(starts, 4);
-    // No restart out of FATAL by itself.
+    // No restart out of FATAL by itself: nothing happens within ten times the backoff (an absence needs a
+    // span of time; this one is the definition's, not a guess at how long something takes).
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(h.sup.get("fatal-exit1").unwrap().state, ProcessState::Fatal);
     // An operator start clears it: a new STARTING follows the FATAL, and the loop runs again.
@@ -175,11 +172,8 @@ async fn stop_kills_term_ignoring_group_with_grandchildren() {
         "TERM-ignoring group with grandchildren stopped in {:.1} ms (stop_timeout 500 ms)",
         took.as_secs_f64() * 1e3
     );
+    // SIGKILL not before the stop timeout (a lower bound: load only delays it), and it came: signal 9.
     assert!(took >= Duration::from_millis(490), "SIGKILL came too early: {took:?}");
-    assert!(
-        took < Duration::from_millis(500 + 2000),
-        "stop timeout not honoured: {took:?}"
-    );
     assert_eq!(r.exit_signal, Some(9));
     // Not one process of the group survives, zombies included (they have been reaped).
     let left: Vec<_> = sys::all_processes().into_iter().filter(|p| p.pgrp == pgid).collect();
@@ -190,7 +184,8 @@ async fn stop_kills_term_ignoring_group_with_grandchildren() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_are_served_during_a_slow_stop() {
     let mut slow = def("conc-slow", &["bash", "-c", "trap '' TERM; sleep 1000 & wait"]);
-    slow.stop_timeout = Duration::from_secs(2);
+    // Longer than anything below can take, however busy the machine: the stop ends when we kill the group.
+    slow.stop_timeout = Duration::from_secs(120);
     let others: Vec<String> = (0..5).map(|i| format!("conc-other{i}")).collect();
     let mut defs = vec![slow];
     defs.extend(others.iter().map(|id| def(id, &["sleep", "1000"])));
@@ -201,7 +196,6 @@ async fn commands_are_served_during_a_slow_stop() {
     assert!(eventually(T, || sys::group_members(pgid).len() == 2).await);
 
     h.sup.stop("conc-slow").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(h.sup.get("conc-slow").unwrap().state, ProcessState::Stopping);
 
     // Several samples, judged by the median: other tests share the 2 cores.
@@ -228,13 +222,13 @@ async fn commands_are_served_during_a_slow_stop() {
         median(&start_lat).as_secs_f64() * 1e3,
         start_lat[start_lat.len() - 1].as_secs_f64() * 1e3,
     );
-    // Not blocked by the 2 s stop (the bound is far below it; latency figures are the benchmark's job).
-    assert!(median(&list_lat) < Duration::from_millis(500), "list: {list_lat:?}");
-    assert!(median(&start_lat) < Duration::from_millis(500), "start: {start_lat:?}");
+    // Not blocked by the stop: every other process was started and reached RUNNING while the slow one is
+    // still STOPPING (latency figures are the benchmark's job).
     for id in &others {
         h.wait_state(id, ProcessState::Running, T).await;
     }
     assert_eq!(h.sup.get("conc-slow").unwrap().state, ProcessState::Stopping);
+    kill(Pid::from_raw(-pgid), Signal::SIGKILL).unwrap();
     h.wait_state("conc-slow", ProcessState::Stopped, T).await;
     h.sup.shutdown(true).await;
 }

@@ -12,4 +12,5 @@ pub fn fixtures_root() -> PathBuf {
 }
 
 pub mod counting_alloc;
+pub mod tcp;
 pub mod zmtp;
