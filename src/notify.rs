@@ -214,6 +214,68 @@ mod tests {
         assert_eq!(w(None, None), None);
     }
 
+    /// The counts a test sets.
+    struct Counts(std::sync::Mutex<ProcessCounts>);
+
+    impl CountProcesses for Counts {
+        fn counts(&self) -> ProcessCounts {
+            self.0.lock().map(|c| *c).unwrap_or_default()
+        }
+    }
+
+    /// Everything the socket holds now.
+    fn drain(s: &UnixDatagram) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        while let Ok(n) = s.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        out
+    }
+
+    /// The whole schedule on tokio's paused clock: the virtual minute below takes no real time, and what is
+    /// sent when does not depend on how busy the machine is.
+    #[tokio::test(start_paused = true)]
+    async fn ready_watchdog_status_and_stopping_on_a_paused_clock() {
+        let dir = std::env::temp_dir().join(format!("procman-notify-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let server = UnixDatagram::bind(&path).unwrap();
+        server.set_nonblocking(true).unwrap();
+        // WATCHDOG_USEC of 20 s: a ping every 10 s.
+        let n = Arc::new(Notifier::from_values(path.to_str(), Some("20000000"), None, 1).unwrap());
+        let counts = Arc::new(Counts(std::sync::Mutex::new(ProcessCounts {
+            total: 1,
+            running: 1,
+            ..Default::default()
+        })));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(n, Some(counts.clone()), shutdown.clone()));
+        let second = Duration::from_secs(1);
+
+        tokio::time::sleep(second).await;
+        assert_eq!(
+            drain(&server),
+            ["READY=1\nSTATUS=serving; 1 process: 1 running", "WATCHDOG=1"]
+        );
+        // Until 25 s: pings at 10 and 20 s; the status did not change, so it is not repeated.
+        tokio::time::sleep(24 * second).await;
+        assert_eq!(drain(&server), ["WATCHDOG=1", "WATCHDOG=1"]);
+        // A change is sent at the next status period (26 s), once.
+        if let Ok(mut c) = counts.0.lock() {
+            c.running = 0;
+            c.stopped = 1;
+        }
+        tokio::time::sleep(2 * second).await;
+        assert_eq!(drain(&server), ["STATUS=serving; 1 process: 1 stopped"]);
+        tokio::time::sleep(4 * second).await;
+        assert_eq!(drain(&server), ["WATCHDOG=1"]);
+        shutdown.cancel();
+        task.await.unwrap();
+        assert_eq!(drain(&server), ["STOPPING=1\nSTATUS=stopping"]);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
     #[test]
     fn status_counts_by_state() {
         let c = ProcessCounts {

@@ -753,17 +753,17 @@ mod tests {
 
     #[tokio::test]
     async fn nobody_listening_is_off_line_not_an_error() {
-        // A port nobody listens on: take one and close it again.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // A port nobody listens on.
+        let reserved = crate::cgse::testing::ReservedPort::new();
+        let port = reserved.port();
         let mut p = ProxyCore::new(Endpoint::new("tcp", "127.0.0.1", port), Duration::from_millis(200));
         let started = std::time::Instant::now();
         assert!(!p.ping().await);
         assert_eq!(p.load_commands().await, LoadOutcome::NotConnected);
-        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a hang guard, not a timing"
+        );
         assert!(!control_server_active(&p.endpoint.connect, Duration::from_millis(200)).await);
     }
 

@@ -216,7 +216,7 @@ pub fn record_value(p: &RecordParts<'_>) -> Value {
 mod tests {
     use super::*;
     use crate::cgse::push::PushConfig;
-    use crate::cgse::testing::{free_port, push_config, PullPeer};
+    use crate::cgse::testing::{push_config, PullPeer, ReservedPort};
     use crate::codec::{dict_get, Limits};
     use tokio_util::sync::CancellationToken;
     use tracing_subscriber::filter::LevelFilter;
@@ -275,7 +275,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn events_reach_the_receiver_through_the_live_filter() {
         static SLOT: OnceLock<Forward> = OnceLock::new();
-        let port = free_port();
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let mut peer = PullPeer::bind(port).await;
         let cancel = CancellationToken::new();
         let pusher = Pusher::start(config(port, 64), cancel.clone());

@@ -250,7 +250,7 @@ impl HousekeepingSink for MetricsSink {
 mod tests {
     use super::*;
     use crate::cgse::push::PushConfig;
-    use crate::cgse::testing::{free_port, push_config, PullPeer};
+    use crate::cgse::testing::{push_config, PullPeer, ReservedPort};
     use std::time::Duration;
     use tokio_util::sync::CancellationToken;
 
@@ -331,7 +331,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn records_reach_the_collector_and_storage_still_gets_them() {
-        let port = free_port();
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let mut peer = PullPeer::bind(port).await;
         let cancel = CancellationToken::new();
         let inner = Arc::new(Counting(Default::default()));
@@ -356,7 +357,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_absent_hub_costs_storage_nothing_and_drops_are_counted() {
-        let port = free_port();
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let cancel = CancellationToken::new();
         let inner = Arc::new(Counting(Default::default()));
         let pusher = Pusher::start(config(port, 3), cancel.clone());

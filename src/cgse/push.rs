@@ -223,7 +223,7 @@ async fn run(config: PushConfig, mut rx: mpsc::Receiver<Vec<u8>>, stats: Arc<Pus
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgse::testing::{free_port_listener, push_config, PullPeer};
+    use crate::cgse::testing::{push_config, PullPeer, ReservedPort};
 
     fn config(port: u16, queue: usize) -> PushConfig {
         push_config("Test", "TEST", "receiver_port", port, queue, Duration::from_millis(300))
@@ -231,8 +231,9 @@ mod tests {
 
     #[tokio::test]
     async fn absent_peer_bounds_the_queue_and_counts_drops() {
-        // A port nobody listens on: the listener is dropped, the connection is refused.
-        let port = free_port_listener().local_addr().unwrap().port();
+        // A port nobody listens on: the connection is refused.
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let cancel = CancellationToken::new();
         let p = Pusher::start(config(port, 4), cancel.clone());
         let accepted = (0..10).filter(|i| p.push(vec![*i as u8])).count();
@@ -247,7 +248,8 @@ mod tests {
 
     #[tokio::test]
     async fn flush_does_not_wait_for_a_peer_that_is_not_there() {
-        let port = free_port_listener().local_addr().unwrap().port();
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let cancel = CancellationToken::new();
         let p = Pusher::start(config(port, 4), cancel.clone());
         assert!(p.push(vec![1]));
@@ -263,9 +265,8 @@ mod tests {
 
     #[tokio::test]
     async fn queued_messages_reach_a_peer_that_appears_later() {
-        let listener = free_port_listener();
-        let port = listener.local_addr().unwrap().port();
-        drop(listener);
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let cancel = CancellationToken::new();
         let p = Pusher::start(config(port, 16), cancel.clone());
         for i in 0..3u8 {

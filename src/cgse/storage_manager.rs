@@ -530,7 +530,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::UNIX_EPOCH;
 
-    use crate::cgse::testing::{free_port, ScriptedServer};
+    use crate::cgse::testing::{ReservedPort, ScriptedServer};
 
     /// What the fake Storage Manager does with a request.
     #[derive(Clone, Copy, PartialEq, Debug)]
@@ -740,7 +740,8 @@ mod tests {
     async fn fails_over_to_the_daily_file_at_once_and_back() {
         // Nothing listens on the port yet. With timeouts of a minute, a sink that waited for one instead of
         // failing over when the connection is refused would take minutes here.
-        let port = free_port();
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let dir = temp_dir();
         let sink = sink_with_timeout(port, &dir, Duration::from_secs(60));
         let t0 = std::time::Instant::now();

@@ -51,14 +51,45 @@ pub fn push_config(
     }
 }
 
-/// A listener on a free loopback port (drop it to make the port refuse connections).
-pub fn free_port_listener() -> std::net::TcpListener {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port")
+/// A loopback port held for one test, from the OS: bound, so that no other socket of the machine can take
+/// it, and never listening, so that connections to it are refused, for as long as this lives. A server of
+/// the test may still bind and listen on it (`SO_REUSEADDR` on both sides, and this socket never listens):
+/// "a peer that appears later", without a bind-drop-rebind window in which a stranger could take the port.
+pub struct ReservedPort {
+    _socket: tokio::net::TcpSocket,
+    port: u16,
+}
+
+impl ReservedPort {
+    /// Reserve a port (panics when it cannot: the test fails).
+    pub fn new() -> ReservedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind a loopback port");
+        let port = socket.local_addr().expect("local address").port();
+        ReservedPort { _socket: socket, port }
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Default for ReservedPort {
+    fn default() -> Self {
+        ReservedPort::new()
+    }
 }
 
 /// A free loopback port (nothing listens on it when this returns).
 pub fn free_port() -> u16 {
-    free_port_listener().local_addr().expect("local address").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a loopback port")
+        .port()
 }
 
 /// Poll `cond` until it holds or `limit` passes (the caller asserts afterwards).

@@ -21,9 +21,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         assert!(tcp_accepts("127.0.0.1", port, Duration::from_secs(5)).await);
-        drop(listener);
-        // Nothing listens on the port any more: the connection is refused at once.
-        assert!(!tcp_accepts("127.0.0.1", port, Duration::from_secs(5)).await);
+        // Nothing listens on a reserved port: the connection is refused at once.
+        let closed = crate::cgse::testing::ReservedPort::new();
+        assert!(!tcp_accepts("127.0.0.1", closed.port(), Duration::from_secs(5)).await);
     }
 
     #[tokio::test]

@@ -93,8 +93,8 @@ fn exits_cleanly_on(signal: Signal) {
             break s;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{signal} did not stop the daemon within 2 s"
+            started.elapsed() < Duration::from_secs(30),
+            "{signal} did not stop the daemon within 30 s (a hang guard, not a timing)"
         );
         std::thread::sleep(Duration::from_millis(10));
     };

@@ -581,6 +581,7 @@ impl crate::supervisor::RestartHook for StaleRecordCleaner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cgse::testing::ReservedPort;
     use crate::daemon::Lifecycle;
     use crate::server::Ports;
     use std::path::PathBuf;
@@ -888,11 +889,8 @@ mod tests {
     #[tokio::test]
     async fn registers_once_the_registry_appears() {
         // Ports with nothing behind them yet.
-        let (req_port, hb_port) = {
-            let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
-        };
+        let (req, hb) = (ReservedPort::new(), ReservedPort::new());
+        let (req_port, hb_port) = (req.port(), hb.port());
         let settings = RegistrySettings {
             hostname: "127.0.0.1".into(),
             requester_port: req_port,
@@ -954,11 +952,8 @@ mod tests {
     async fn takes_over_a_dead_holder_but_not_a_live_one() {
         let dir = tempdir();
         // A stale record (a crashed Process Manager): nothing answers at its port.
-        let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let dead = ReservedPort::new();
+        let dead_port = dead.port();
         let fake = FakeRegistry::start(holding(dead_port)).await;
         let reg = Registration::new(config(&fake.settings, dir.join("a")));
         let mut rx = reg.subscribe();
@@ -1004,10 +999,8 @@ mod tests {
     #[tokio::test]
     async fn stale_records_are_cleared_and_live_ones_kept() {
         let (live_port, live) = live_control_server().await;
-        let dead_port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let dead = ReservedPort::new();
+        let dead_port = dead.port();
         let record = |id: &str, port: u16| {
             serde_json::json!({"id": id, "name": "sm_cs", "host": "127.0.0.1", "port": port,
                 "type": "SM_CS", "metadata": {}, "health": "passing"})
@@ -1042,10 +1035,8 @@ mod tests {
 
     #[tokio::test]
     async fn no_registry_is_an_error_not_a_hang() {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let settings = RegistrySettings {
             hostname: "127.0.0.1".into(),
             requester_port: port,
