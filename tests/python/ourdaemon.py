@@ -35,6 +35,19 @@ def pm_cs_binary() -> str:
     raise RuntimeError("no pm_cs binary: run `cargo build --release --bin pm_cs` or set PROCMAN_PM_CS")
 
 
+def our_cli(site: CgseEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    """Our ``pm_cs <args>`` as an operator would run it in the site (its settings, its environment)."""
+    return subprocess.run(
+        [pm_cs_binary(), *args],
+        env=site.env(),
+        cwd=site.run_dir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 class OurDaemon:
     """One ``pm_cs start`` of ours in a CGSE site."""
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 import refenv
 from gate import refenv_marks, wait_for
-from ourdaemon import OurDaemon, pm_cs_binary
+from ourdaemon import OurDaemon, our_cli
 from refenv import CgseEnv, RefEnvError
 
 pytestmark = refenv_marks(slow=True)
@@ -34,16 +33,7 @@ LINE = re.compile(
 
 
 def our_status(site: CgseEnv) -> str:
-    out = subprocess.run(
-        [pm_cs_binary(), "status"],
-        env=site.env(),
-        cwd=site.run_dir,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return out.stdout
+    return our_cli(site, "status").stdout
 
 
 @pytest.fixture

@@ -145,6 +145,15 @@ class Events:
                     self.events.append(msg)
         return self.events
 
+    def wait_subscribed(self, timeout: float = 30.0) -> None:
+        """Block until the first message arrives: the subscription has reached the daemon (it publishes its
+        status every second), so no event published from now on is missed."""
+        if not self.sock.poll(int(timeout * 1000)):
+            raise AssertionError(f"no monitoring message within {timeout} s")
+        msg = pickle.loads(self.sock.recv())  # our own daemon on loopback
+        if isinstance(msg, dict) and msg.get("event") == "process_state":
+            self.events.append(msg)
+
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
@@ -153,7 +162,7 @@ class Events:
 def test_device_cs_from_the_original_proxy(site: CgseEnv, ours: OurDaemon) -> None:
     events = Events(site.ports.pm_mon)
     try:
-        time.sleep(0.3)  # let the subscription reach the daemon
+        events.wait_subscribed()
         got = site.run_json(
             "from egse.procman import ProcessManagerProxy, StartCommand, StatusCommand\n"
             "with ProcessManagerProxy() as pm:\n"
@@ -222,7 +231,9 @@ def test_crash_loop_ends_fatal(site: CgseEnv, ours: OurDaemon) -> None:
     )
     assert fatal["restarts"] == 2  # three starts within the window: the first and two restarts
     assert fatal["exit_code"] == 1 and fatal["last_error"]
-    time.sleep(1.5)  # no more restarts once FATAL
+    # No more restarts once FATAL: nothing within longer than the table's largest backoff (1 s). An absence
+    # needs a span of time; this one comes from the definition.
+    time.sleep(1.5)
     assert processes(site)["CRASHER"]["restarts"] == 2
 
 
