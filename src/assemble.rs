@@ -454,21 +454,51 @@ fn is_service_registry(def: &ProcessDefinition, registry_port: Option<u16>) -> b
     by_port || def.id == "Service Registry"
 }
 
+/// Why a Process Manager with dynamic ports could not be found.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The settings could not be read.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The registry does not know it (or does not answer).
+    #[error("No service registered as '{service_type}' and no port provided ({source})")]
+    NotRegistered {
+        /// The service type looked up.
+        service_type: String,
+        /// The registry's answer.
+        source: crate::cgse::registry::RegistryError,
+    },
+    /// Its record lacks the service port.
+    #[error("the registry record {record} of '{service_type}' has no metadata.service_port")]
+    NoServicePort {
+        /// The record's id.
+        record: String,
+        /// The service type looked up.
+        service_type: String,
+    },
+    /// The record's host does not resolve.
+    #[error(transparent)]
+    Endpoint(#[from] crate::transport::TransportError),
+}
+
 /// Find a running Process Manager whose ports are dynamic: (commanding, service) endpoints, from its
 /// registry record (`host`:`port`, and `metadata.service_port`).
-pub async fn discover_pm(config: &DaemonConfig) -> Result<(String, String), String> {
-    let (i, registry) = integration_settings(config).map_err(|e| e.to_string())?;
+pub async fn discover_pm(config: &DaemonConfig) -> Result<(String, String), DiscoveryError> {
+    let (i, registry) = integration_settings(config)?;
     let service_type = &config.pm.service_type;
     let record = crate::cgse::registry::discover(&registry, service_type, i.registry_timeout)
         .await
-        .map_err(|e| format!("No service registered as '{service_type}' and no port provided ({e})"))?;
-    let service_port = record.metadata_port("service_port").ok_or_else(|| {
-        format!(
-            "the registry record {} of '{service_type}' has no metadata.service_port",
-            record.id
-        )
-    })?;
-    let commanding = record.endpoint(record.port).await.map_err(|e| e.to_string())?;
-    let service = record.endpoint(service_port).await.map_err(|e| e.to_string())?;
+        .map_err(|source| DiscoveryError::NotRegistered {
+            service_type: service_type.clone(),
+            source,
+        })?;
+    let service_port = record
+        .metadata_port("service_port")
+        .ok_or_else(|| DiscoveryError::NoServicePort {
+            record: record.id.clone(),
+            service_type: service_type.clone(),
+        })?;
+    let commanding = record.endpoint(record.port).await?;
+    let service = record.endpoint(service_port).await?;
     Ok((commanding, service))
 }

@@ -80,8 +80,11 @@ pub enum EndpointError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// Dynamic ports and the registry could not tell where the server is.
-    #[error("{0}")]
-    Discovery(String),
+    #[error(transparent)]
+    Discovery(#[from] crate::assemble::DiscoveryError),
+    /// A service type other than the Process Manager's (the only one we can find).
+    #[error("No service registered as {0}")]
+    UnknownServiceType(String),
     /// A port outside 0-65535.
     #[error("port {0} is not a TCP port (0-65535)")]
     Port(i64),
@@ -100,9 +103,7 @@ pub async fn process_manager_endpoint(
         return Ok(Endpoint::new(protocol, hostname, port));
     }
     let config = config()?;
-    let (commanding, _) = crate::assemble::discover_pm(&config)
-        .await
-        .map_err(EndpointError::Discovery)?;
+    let (commanding, _) = crate::assemble::discover_pm(&config).await?;
     Ok(Endpoint {
         display: commanding.clone(),
         connect: commanding,
@@ -113,18 +114,14 @@ pub async fn process_manager_endpoint(
 /// only find the Process Manager (the registry client lives in `assemble`).
 pub async fn service_endpoint_for_type(service_type: &str, config: &DaemonConfig) -> Result<Endpoint, EndpointError> {
     if !service_type.eq_ignore_ascii_case(&config.pm.service_type) {
-        return Err(EndpointError::Discovery(format!(
-            "No service registered as {service_type}"
-        )));
+        return Err(EndpointError::UnknownServiceType(service_type.to_owned()));
     }
     let pm = &config.pm;
     let (_, service) = if pm.service_port != 0 && pm.commanding_port != 0 {
         let e = Endpoint::new(&pm.protocol, &pm.hostname, pm.service_port);
         (String::new(), e.display)
     } else {
-        crate::assemble::discover_pm(config)
-            .await
-            .map_err(EndpointError::Discovery)?
+        crate::assemble::discover_pm(config).await?
     };
     let connect = match Endpoint::split(&service) {
         Some((p, h, port)) => Endpoint::new(&p, &h, port).connect,
@@ -154,6 +151,38 @@ pub async fn process_manager_active(config: &DaemonConfig, timeout: Duration) ->
 /// `is_control_server_active`: a fresh REQ socket, one `Ping`, `Pong` within `timeout`.
 pub async fn control_server_active(endpoint: &str, timeout: Duration) -> bool {
     ControlClient::new(endpoint, timeout).ping(timeout).await
+}
+
+/// Arguments that do not fit a command's template; the text is the original's, word for word.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgumentsError {
+    /// Not as many arguments as the template has.
+    #[error("Expected {expected} arguments for command {command}, got {got} arguments.")]
+    Count {
+        /// The template's count.
+        expected: i64,
+        /// The command.
+        command: String,
+        /// Given, positional and by keyword.
+        got: i64,
+    },
+    /// The right count, split wrongly between positional and keyword arguments.
+    #[error(
+        "Expected {positional} positional arguments and {keyword} keyword arguments for command {command}, got \
+         {got_positional} positional and {got_keyword} keyword arguments instead."
+    )]
+    Kinds {
+        /// The template's positional count.
+        positional: i64,
+        /// The template's keyword count.
+        keyword: i64,
+        /// The command.
+        command: String,
+        /// Given positionally.
+        got_positional: i64,
+        /// Given by keyword.
+        got_keyword: i64,
+    },
 }
 
 /// What a proxy keeps of one command announced by `send_commands`.
@@ -201,18 +230,17 @@ impl CommandInfo {
     /// The original's client-side check (`Command.validate_arguments`): the count must match the
     /// template and the arguments must be all positional, all by keyword, or positional in place of
     /// the named placeholders. Templates `*` and `**` accept anything.
-    pub fn validate(&self, nargs: usize, nkwargs: usize) -> Result<(), String> {
+    pub fn validate(&self, nargs: usize, nkwargs: usize) -> Result<(), ArgumentsError> {
         if self.cmd == "*" || self.cmd == "**" {
             return Ok(());
         }
         let (nargs, nkwargs) = (nargs as i64, nkwargs as i64);
         if self.tot_n_args != nargs + nkwargs {
-            return Err(format!(
-                "Expected {} arguments for command {}, got {} arguments.",
-                self.tot_n_args,
-                self.name,
-                nargs + nkwargs
-            ));
+            return Err(ArgumentsError::Count {
+                expected: self.tot_n_args,
+                command: self.name.clone(),
+                got: nargs + nkwargs,
+            });
         }
         let ok = self.tot_n_args == 0
             || (nargs != 0 && nargs == self.n_args)
@@ -221,11 +249,13 @@ impl CommandInfo {
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "Expected {} positional arguments and {} keyword arguments for command {}, got {} positional and {} \
-                 keyword arguments instead.",
-                self.n_args, self.n_kwargs, self.name, nargs, nkwargs
-            ))
+            Err(ArgumentsError::Kinds {
+                positional: self.n_args,
+                keyword: self.n_kwargs,
+                command: self.name.clone(),
+                got_positional: nargs,
+                got_keyword: nkwargs,
+            })
         }
     }
 
@@ -624,7 +654,7 @@ mod tests {
         let none = info("get_core_processes");
         assert!(none.validate(0, 0).is_ok());
         assert_eq!(
-            none.validate(2, 0).unwrap_err(),
+            none.validate(2, 0).unwrap_err().to_string(),
             "Expected 0 arguments for command get_core_processes, got 2 arguments."
         );
         let one = info("start_process");
@@ -638,7 +668,7 @@ mod tests {
         assert!(two.validate(2, 0).is_ok());
         assert!(two.validate(0, 2).is_ok());
         assert_eq!(
-            two.validate(1, 1).unwrap_err(),
+            two.validate(1, 1).unwrap_err().to_string(),
             "Expected 0 positional arguments and 2 keyword arguments for command set_logging_level, got 1 \
              positional and 1 keyword arguments instead."
         );

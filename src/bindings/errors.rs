@@ -21,7 +21,7 @@ pub fn config_error(e: ConfigError) -> PyErr {
 pub fn endpoint_error(e: EndpointError) -> PyErr {
     match e {
         EndpointError::Config(c) => config_error(c),
-        EndpointError::Discovery(m) => PyRuntimeError::new_err(m),
+        EndpointError::Discovery(_) | EndpointError::UnknownServiceType(_) => PyRuntimeError::new_err(e.to_string()),
         EndpointError::Port(_) => PyValueError::new_err(e.to_string()),
     }
 }

@@ -252,7 +252,7 @@ impl PyProxy {
         })?;
         let nkwargs = kwargs.map(|k| k.len()).unwrap_or(0);
         if let Err(message) = info.validate(args.len(), nkwargs) {
-            log(py, "error", &message);
+            log(py, "error", &message.to_string());
             return Ok(py.None().into_bound(py));
         }
         let mut arg_values = Vec::with_capacity(args.len());

@@ -38,21 +38,41 @@ pub struct PushTarget {
     pub registry_timeout: Duration,
 }
 
+/// Why a push peer cannot be found.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// Its host does not resolve (or the protocol is not ours).
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    /// The registry does not know the peer (or does not answer).
+    #[error("{service_type} not found in the Service Registry ({source})")]
+    NotRegistered {
+        /// What was looked up.
+        service_type: String,
+        /// The registry's answer.
+        source: super::registry::RegistryError,
+    },
+    /// The registry's record lacks the port we need.
+    #[error("its registry record has no metadata.{0}")]
+    NoPort(String),
+}
+
 impl PushTarget {
     /// The peer's endpoint now (a registry lookup when the port is 0).
-    pub async fn resolve(&self) -> Result<String, String> {
+    pub async fn resolve(&self) -> Result<String, ResolveError> {
         if self.port != 0 {
-            return transport::client_endpoint_async("tcp", &self.hostname, self.port)
-                .await
-                .map_err(|e| e.to_string());
+            return Ok(transport::client_endpoint_async("tcp", &self.hostname, self.port).await?);
         }
         let record = super::registry::discover(&self.registry, &self.service_type, self.registry_timeout)
             .await
-            .map_err(|e| format!("{} not found in the Service Registry ({e})", self.service_type))?;
+            .map_err(|source| ResolveError::NotRegistered {
+                service_type: self.service_type.clone(),
+                source,
+            })?;
         let port = record
             .metadata_port(&self.metadata_key)
-            .ok_or_else(|| format!("its registry record has no metadata.{}", self.metadata_key))?;
-        record.endpoint(port).await.map_err(|e| e.to_string())
+            .ok_or_else(|| ResolveError::NoPort(self.metadata_key.clone()))?;
+        Ok(record.endpoint(port).await?)
     }
 }
 
@@ -175,7 +195,7 @@ async fn run(config: PushConfig, mut rx: mpsc::Receiver<Vec<u8>>, stats: Arc<Pus
             Ok(ep) => PushClient::connect(&ep, config.connect_timeout)
                 .await
                 .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         };
         let mut client = match connected {
             Ok(c) => c,

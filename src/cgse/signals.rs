@@ -54,24 +54,65 @@ pub enum Command {
     Other(String),
 }
 
+/// Why a command file was not acted on (it is removed all the same, and the reason logged).
+#[derive(Debug, thiserror::Error)]
+pub enum SignalFileError {
+    /// A directory, a symlink, a device: not something we read.
+    #[error("not a regular file")]
+    NotAFile,
+    /// Larger than any command.
+    #[error("{0} bytes, more than a command")]
+    TooLarge(u64),
+    /// Reading failed.
+    #[error("cannot read: {0}")]
+    Read(#[from] std::io::Error),
+    /// Not JSON.
+    #[error("not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    /// JSON without an `"action"` string.
+    #[error("no \"action\" string")]
+    NoAction,
+    /// `"params"` present but not an object.
+    #[error("\"params\" is not an object")]
+    ParamsNotAnObject,
+    /// A parameter of the wrong type or one the action does not take.
+    #[error("{0}")]
+    BadParameter(String),
+}
+
+impl PartialEq for SignalFileError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
 /// Parse one command file's content.
-pub fn parse(text: &str) -> Result<Command, String> {
-    let v: Json = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    let action = v.get("action").and_then(Json::as_str).ok_or("no \"action\" string")?;
+pub fn parse(text: &str) -> Result<Command, SignalFileError> {
+    let v: Json = serde_json::from_str(text)?;
+    let action = v
+        .get("action")
+        .and_then(Json::as_str)
+        .ok_or(SignalFileError::NoAction)?;
     let params = match v.get("params") {
         None | Some(Json::Null) => serde_json::Map::new(),
         Some(Json::Object(m)) => m.clone(),
-        Some(_) => return Err("\"params\" is not an object".into()),
+        Some(_) => return Err(SignalFileError::ParamsNotAnObject),
     };
     match action {
         "reregister" => {
             let force = match params.get("force") {
                 None => false,
                 Some(Json::Bool(b)) => *b,
-                Some(other) => return Err(format!("\"force\" is not a boolean: {other}")),
+                Some(other) => {
+                    return Err(SignalFileError::BadParameter(format!(
+                        "\"force\" is not a boolean: {other}"
+                    )))
+                }
             };
             if let Some(k) = params.keys().find(|k| *k != "force") {
-                return Err(format!("unexpected parameter {k:?} for reregister"));
+                return Err(SignalFileError::BadParameter(format!(
+                    "unexpected parameter {k:?} for reregister"
+                )));
             }
             Ok(Command::Reregister { force })
         }
@@ -102,12 +143,12 @@ pub fn scan(dir: &Path, process_name: &str, target: &dyn SignalTarget) -> Vec<Co
             Err(_) => continue,
         };
         let outcome = if !meta.is_file() {
-            Err("not a regular file".to_owned())
+            Err(SignalFileError::NotAFile)
         } else if meta.len() > MAX_FILE_BYTES {
-            Err(format!("{} bytes, more than a command", meta.len()))
+            Err(SignalFileError::TooLarge(meta.len()))
         } else {
             std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read: {e}"))
+                .map_err(SignalFileError::from)
                 .and_then(|t| parse(&t))
         };
         if let Err(e) = std::fs::remove_file(&path) {

@@ -131,16 +131,34 @@ pub fn unregister_request(origin: &str) -> Value {
     storage_request("unregister", Value::dict([("origin", Value::str(origin))]))
 }
 
-/// `Ok(message)` for an `egse.response.Success`, `Err(message)` for anything else.
-pub fn success_message(reply: &Value) -> Result<String, String> {
+/// A Storage Manager reply that is not an `egse.response.Success`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SmReplyError {
+    /// A `Failure`: the SM refused, and says why.
+    #[error("{0}")]
+    Failure(String),
+    /// Neither `Success` nor `Failure` (shown as Python would show it).
+    #[error("unexpected reply {0}")]
+    Unexpected(String),
+}
+
+impl SmReplyError {
+    /// The SM's own words (a `Failure`'s message), for matching its known refusals.
+    pub fn says(&self, text: &str) -> bool {
+        matches!(self, SmReplyError::Failure(m) if m.contains(text))
+    }
+}
+
+/// `Ok(message)` for an `egse.response.Success`, the reason otherwise.
+pub fn success_message(reply: &Value) -> Result<String, SmReplyError> {
     if let Some(m) = crate::protocol::failure_message(reply) {
-        return Err(m);
+        return Err(SmReplyError::Failure(m));
     }
     match reply.as_object() {
         Some(o) if o.is("egse.response", "Success") => {
             Ok(o.attr("message").and_then(Value::as_str).unwrap_or_default().to_owned())
         }
-        _ => Err(format!("unexpected reply {}", crate::protocol::py_repr(reply))),
+        _ => Err(SmReplyError::Unexpected(crate::protocol::py_repr(reply))),
     }
 }
 
@@ -285,10 +303,10 @@ impl StorageManagerSink {
                 let reply = self
                     .request(st, &register_request(&origin, &st.columns.clone()))
                     .await?;
-                success_message(&reply).map_err(|m| refused("register", m))?
+                success_message(&reply).map_err(|m| refused("register", m.to_string()))?
             }
             Ok(m) => m,
-            Err(m) => return Err(refused("register", m)),
+            Err(m) => return Err(refused("register", m.to_string())),
         };
         st.registered = true;
         Ok(msg)
@@ -308,7 +326,7 @@ impl StorageManagerSink {
             match self.request(st, &request).await {
                 Ok(reply) => match success_message(&reply) {
                     Ok(_) => return Outcome::Stored,
-                    Err(m) if m.contains(NOT_REGISTERED) && !reregistered => {
+                    Err(m) if m.says(NOT_REGISTERED) && !reregistered => {
                         info!("the Storage Manager forgot our registration (restarted?): registering again");
                         st.registered = false;
                         reregistered = true;

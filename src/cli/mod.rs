@@ -167,7 +167,9 @@ pub async fn start_bg(settings: Option<&Path>) -> Result<u8, CliError> {
 pub(crate) async fn endpoints(config: &DaemonConfig) -> Result<(String, String), CliError> {
     let pm = &config.pm;
     if pm.commanding_port == 0 || pm.service_port == 0 {
-        let found = crate::assemble::discover_pm(config).await.map_err(CliError::Other)?;
+        let found = crate::assemble::discover_pm(config)
+            .await
+            .map_err(|e| CliError::Other(e.to_string()))?;
         return Ok(found);
     }
     let host = &pm.hostname;

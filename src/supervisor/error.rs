@@ -131,7 +131,7 @@ pub enum SupervisorError {
     },
     /// Becoming a child subreaper or starting the reaper failed.
     #[error("cannot install the child reaper: {0}")]
-    Reaper(String),
+    Reaper(#[from] ReaperError),
     /// `Supervisor::spawn` was called outside a tokio runtime.
     #[error("the supervisor must be started inside a tokio runtime")]
     NoRuntime,
@@ -158,4 +158,24 @@ impl SupervisorError {
             source,
         }
     }
+}
+
+/// Why the process-wide reaper could not be installed (kept for every later caller, hence `Clone`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReaperError {
+    /// `prctl(PR_SET_CHILD_SUBREAPER)` failed.
+    #[error("PR_SET_CHILD_SUBREAPER: {0}")]
+    Subreaper(nix::errno::Errno),
+    /// The reaper thread's runtime could not be built.
+    #[error("reaper runtime: {0}")]
+    Runtime(std::sync::Arc<io::Error>),
+    /// The SIGCHLD handler could not be installed.
+    #[error("SIGCHLD handler: {0}")]
+    Handler(std::sync::Arc<io::Error>),
+    /// The thread could not be spawned.
+    #[error("reaper thread: {0}")]
+    Thread(std::sync::Arc<io::Error>),
+    /// The thread ended before it said it was ready.
+    #[error("reaper thread died before it was ready")]
+    Died,
 }

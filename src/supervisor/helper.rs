@@ -33,7 +33,7 @@ pub async fn run_helper(argv: &[String], timeout: Duration) -> Result<Vec<u8>, S
         return Err(fail("empty argv".into()));
     };
     let path = std::env::var("PATH").ok();
-    let program = resolve_program_in(program, path.as_deref()).map_err(fail)?;
+    let program = resolve_program_in(program, path.as_deref()).map_err(|e| fail(e.to_string()))?;
     let reaper = reaper::global()?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut cmd = Command::new(&program);

@@ -67,7 +67,7 @@ pub use definition::{
     DeviceSpec, Launchers, PingTarget, ProcessDefinition, ProcessTable, Readiness, RestartPolicy, DEFAULT_PYTHON,
     ID_ENV, OWNER_ENV,
 };
-pub use error::{CommandError, DefinitionError, SupervisorError};
+pub use error::{CommandError, DefinitionError, ReaperError, SupervisorError};
 pub use gate::{RestartHook, RESTART_HOOK_BOUND};
 pub use graph::{DependencyGraph, GraphError};
 pub use logs::LogConfig;

@@ -19,14 +19,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
-use super::error::SupervisorError;
+use super::error::{ReaperError, SupervisorError};
 
 /// How a reaped process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,12 +45,12 @@ pub(crate) struct Reaper {
     routes: Mutex<HashMap<i32, ExitSender>>,
 }
 
-static REAPER: OnceLock<Result<Reaper, String>> = OnceLock::new();
+static REAPER: OnceLock<Result<Reaper, ReaperError>> = OnceLock::new();
 
 /// The reaper, installed on first call.
 pub(crate) fn global() -> Result<&'static Reaper, SupervisorError> {
     let installed = REAPER.get_or_init(|| {
-        nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
+        nix::sys::prctl::set_child_subreaper(true).map_err(ReaperError::Subreaper)?;
         Ok(Reaper {
             routes: Mutex::new(HashMap::new()),
         })
@@ -62,17 +62,17 @@ pub(crate) fn global() -> Result<&'static Reaper, SupervisorError> {
 
 /// Starts the SIGCHLD thread once; waits until its signal handler is installed so no exit is missed.
 fn start_thread(reaper: &'static Reaper) -> Result<(), SupervisorError> {
-    static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+    static STARTED: OnceLock<Result<(), ReaperError>> = OnceLock::new();
     STARTED
         .get_or_init(|| {
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ReaperError>>();
             std::thread::Builder::new()
                 .name("procman-reaper".into())
                 .spawn(move || {
                     let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
                         Ok(rt) => rt,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(format!("reaper runtime: {e}")));
+                            let _ = ready_tx.send(Err(ReaperError::Runtime(Arc::new(e))));
                             return;
                         }
                     };
@@ -81,7 +81,7 @@ fn start_thread(reaper: &'static Reaper) -> Result<(), SupervisorError> {
                         let mut sigchld = match signal(SignalKind::child()) {
                             Ok(s) => s,
                             Err(e) => {
-                                let _ = ready_tx.send(Err(format!("SIGCHLD handler: {e}")));
+                                let _ = ready_tx.send(Err(ReaperError::Handler(Arc::new(e))));
                                 return;
                             }
                         };
@@ -96,8 +96,8 @@ fn start_thread(reaper: &'static Reaper) -> Result<(), SupervisorError> {
                         }
                     });
                 })
-                .map_err(|e| format!("reaper thread: {e}"))?;
-            ready_rx.recv().map_err(|_| "reaper thread died".to_owned())?
+                .map_err(|e| ReaperError::Thread(Arc::new(e)))?;
+            ready_rx.recv().map_err(|_| ReaperError::Died)?
         })
         .clone()
         .map_err(SupervisorError::Reaper)

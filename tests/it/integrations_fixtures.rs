@@ -53,7 +53,7 @@ fn storage_manager_replies() {
     );
     assert!(success_message(&load("storage/save_reply.pickle")).is_ok());
     let refused = success_message(&load("storage/save_unknown_origin_failure_reply.pickle")).unwrap_err();
-    assert!(refused.contains("could not find a registration"), "{refused}");
+    assert!(refused.says("could not find a registration"), "{refused}");
     assert!(success_message(&load("storage/unregister_again_failure_reply.pickle")).is_err());
 }
 

@@ -67,9 +67,9 @@ impl Actor {
         };
         let program = match resolve_program(program, &def) {
             Ok(p) => p,
-            Err(msg) => {
-                tracing::warn!(id = %self.id, error = %msg, "spawn failed");
-                self.after_failure(None, Duration::ZERO, Some(msg));
+            Err(e) => {
+                tracing::warn!(id = %self.id, error = %e, "spawn failed");
+                self.after_failure(None, Duration::ZERO, Some(e.to_string()));
                 return;
             }
         };

@@ -82,19 +82,38 @@ pub fn validate_client_id(id: &str) -> Result<(), CommandError> {
     validate_client_arg(id)
 }
 
+/// A program that cannot be found where the child would look for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProgramError {
+    /// `argv[0]` is empty.
+    #[error("empty program name")]
+    Empty,
+    /// No executable of that name in the absolute `PATH` directories.
+    #[error(
+        "{program:?} not found in the absolute PATH directories [{}] (empty and relative PATH elements are ignored)",
+        dirs.join(", ")
+    )]
+    NotFound {
+        /// The bare name.
+        program: String,
+        /// The directories searched.
+        dirs: Vec<String>,
+    },
+}
+
 /// Resolves a bare program name to an absolute path through `path` (a `PATH` value), skipping empty and
 /// relative elements (an empty element would mean the daemon's working directory). A name with a `/` is
 /// returned as it is. `None` for `path` searches `/usr/local/bin:/usr/bin:/bin`.
 ///
 /// # Errors
-/// A message naming the program and the directories searched.
-pub fn resolve_program_in(program: &str, path: Option<&str>) -> Result<PathBuf, String> {
+/// [`ProgramError`], naming the program and the directories searched.
+pub fn resolve_program_in(program: &str, path: Option<&str>) -> Result<PathBuf, ProgramError> {
     use std::os::unix::fs::PermissionsExt;
     if program.contains('/') {
         return Ok(PathBuf::from(program));
     }
     if program.is_empty() {
-        return Err("empty program name".into());
+        return Err(ProgramError::Empty);
     }
     let path = path.unwrap_or("/usr/local/bin:/usr/bin:/bin");
     let dirs: Vec<&str> = path.split(':').filter(|d| d.starts_with('/')).collect();
@@ -106,10 +125,10 @@ pub fn resolve_program_in(program: &str, path: Option<&str>) -> Result<PathBuf, 
             }
         }
     }
-    Err(format!(
-        "{program:?} not found in the absolute PATH directories [{}] (empty and relative PATH elements are ignored)",
-        dirs.join(", ")
-    ))
+    Err(ProgramError::NotFound {
+        program: program.to_owned(),
+        dirs: dirs.iter().map(|d| (*d).to_owned()).collect(),
+    })
 }
 
 /// [`resolve_program_in`] with the `PATH` the child will have: the definition's `env.PATH`, else the
@@ -117,7 +136,7 @@ pub fn resolve_program_in(program: &str, path: Option<&str>) -> Result<PathBuf, 
 ///
 /// # Errors
 /// As [`resolve_program_in`].
-pub fn resolve_program(program: &str, def: &ProcessDefinition) -> Result<PathBuf, String> {
+pub fn resolve_program(program: &str, def: &ProcessDefinition) -> Result<PathBuf, ProgramError> {
     let own = std::env::var("PATH").ok();
     let path = match def.env.get("PATH") {
         Some(p) => Some(p.as_str()),

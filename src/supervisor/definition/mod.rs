@@ -12,6 +12,7 @@ mod table;
 
 pub use client::*;
 pub(crate) use raw::parse_signal;
+pub use raw::{TemplateError, UnknownSignal};
 pub use table::ProcessTable;
 
 use std::collections::BTreeMap;

@@ -245,7 +245,10 @@ impl RawDefinition {
         def.argv = if expand_argv {
             let mut out = Vec::new();
             for (i, item) in argv.iter().enumerate() {
-                out.extend(ctx.expand_item(item).map_err(|m| bad(&format!("argv[{i}]"), m))?);
+                out.extend(
+                    ctx.expand_item(item)
+                        .map_err(|m| bad(&format!("argv[{i}]"), m.to_string()))?,
+                );
             }
             out
         } else {
@@ -254,16 +257,23 @@ impl RawDefinition {
         if let Some(sim) = &self.sim_args {
             let mut out = Vec::new();
             for (i, item) in sim.iter().enumerate() {
-                out.extend(ctx.expand_item(item).map_err(|m| bad(&format!("sim_args[{i}]"), m))?);
+                out.extend(
+                    ctx.expand_item(item)
+                        .map_err(|m| bad(&format!("sim_args[{i}]"), m.to_string()))?,
+                );
             }
             def.sim_args = out;
         }
         if let Some(cwd) = &self.cwd {
-            def.cwd = Some(PathBuf::from(ctx.expand_str(cwd).map_err(|m| bad("cwd", m))?));
+            def.cwd = Some(PathBuf::from(
+                ctx.expand_str(cwd).map_err(|m| bad("cwd", m.to_string()))?,
+            ));
         }
         if let Some(env) = &self.env {
             for (k, v) in env {
-                let value = ctx.expand_str(&v.0).map_err(|m| bad(&format!("env.{k}"), m))?;
+                let value = ctx
+                    .expand_str(&v.0)
+                    .map_err(|m| bad(&format!("env.{k}"), m.to_string()))?;
                 def.env.insert(k.clone(), value);
             }
         }
@@ -281,14 +291,16 @@ impl RawDefinition {
             def.crash_loop.window = secs("crash_loop.window", c.window, def.crash_loop.window)?;
         }
         if let Some(s) = &self.stop_signal {
-            def.stop_signal = parse_signal(s).map_err(|m| bad("stop_signal", m))?;
+            def.stop_signal = parse_signal(s).map_err(|m| bad("stop_signal", m.to_string()))?;
         }
         def.stop_timeout = secs("stop_timeout", self.stop_timeout, def.stop_timeout)?;
         if let Some(r) = &self.readiness {
             let ping = match (&r.ping, &r.tcp) {
                 (None, Some(t)) => {
                     let host = match &t.host {
-                        Some(h) => ctx.expand_str(h).map_err(|m| bad("readiness.tcp.host", m))?,
+                        Some(h) => ctx
+                            .expand_str(h)
+                            .map_err(|m| bad("readiness.tcp.host", m.to_string()))?,
                         None => "127.0.0.1".to_owned(),
                     };
                     if host.trim().is_empty() || t.port == 0 {
@@ -330,11 +342,14 @@ impl RawDefinition {
     ) -> Result<PingTarget, DefinitionError> {
         match (&ping.endpoint, ping.registry.unwrap_or(false)) {
             (Some(ep), false) => Ok(PingTarget::Endpoint(
-                ctx.expand_str(ep).map_err(|m| bad("readiness.ping.endpoint", m))?,
+                ctx.expand_str(ep)
+                    .map_err(|m| bad("readiness.ping.endpoint", m.to_string()))?,
             )),
             (None, true) => {
                 let st = match &ping.service_type {
-                    Some(st) => ctx.expand_str(st).map_err(|m| bad("readiness.ping.service_type", m))?,
+                    Some(st) => ctx
+                        .expand_str(st)
+                        .map_err(|m| bad("readiness.ping.service_type", m.to_string()))?,
                     None => match (ctx.device, &self.service_type) {
                         (_, Some(st)) => st.clone(),
                         (Some(d), None) => d.device_id.to_uppercase(),
@@ -356,14 +371,39 @@ impl RawDefinition {
     }
 }
 
-pub(crate) fn parse_signal(s: &str) -> Result<Signal, String> {
+/// A signal name that is not one (`stop_signal`, the signal files).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown signal {0:?}")]
+pub struct UnknownSignal(pub String);
+
+/// A template in a definition that cannot be expanded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// `{` without its `}`.
+    #[error("unclosed '{{' in {0:?}")]
+    Unclosed(String),
+    /// `}` without its `{`.
+    #[error("unmatched '}}' in {0:?} (write '}}}}' for a brace)")]
+    Unmatched(String),
+    /// `{device_args}` inside a longer string: it expands to several argv items.
+    #[error("{{device_args}} must be a whole argv item, not part of {0:?}")]
+    DeviceArgsNotWhole(String),
+    /// A name we do not know.
+    #[error("unknown template {{{0}}} (known: {TEMPLATE_NAMES})")]
+    Unknown(String),
+    /// A device template outside a device entry.
+    #[error("device templates are only allowed in device entries")]
+    DeviceOnly,
+}
+
+pub(crate) fn parse_signal(s: &str) -> Result<Signal, UnknownSignal> {
     let upper = s.trim().to_uppercase();
     let name = if upper.starts_with("SIG") {
         upper
     } else {
         format!("SIG{upper}")
     };
-    name.parse::<Signal>().map_err(|_| format!("unknown signal {s:?}"))
+    name.parse::<Signal>().map_err(|_| UnknownSignal(s.to_owned()))
 }
 
 /// Template values: `{python}` always, the device ones only for device entries.
@@ -377,7 +417,7 @@ pub(super) const TEMPLATE_NAMES: &str = "{python}, {device_id}, {device_name}, {
 impl Templates<'_> {
     /// Expands one argv item into zero or more items: `{device_args}` alone becomes one item per argument,
     /// `{arg0}` alone disappears when there are no arguments.
-    pub(super) fn expand_item(&self, item: &str) -> Result<Vec<String>, String> {
+    pub(super) fn expand_item(&self, item: &str) -> Result<Vec<String>, TemplateError> {
         match item {
             "{device_args}" => Ok(self.device()?.device_args.clone()),
             "{arg0}" => Ok(self.device()?.device_args.first().cloned().into_iter().collect()),
@@ -386,7 +426,7 @@ impl Templates<'_> {
     }
 
     /// Expands `{name}` inside a string; `{{` and `}}` are literal braces.
-    pub(super) fn expand_str(&self, s: &str) -> Result<String, String> {
+    pub(super) fn expand_str(&self, s: &str) -> Result<String, TemplateError> {
         let mut out = String::with_capacity(s.len());
         let mut chars = s.chars().peekable();
         while let Some(c) = chars.next() {
@@ -405,33 +445,30 @@ impl Templates<'_> {
                         match chars.next() {
                             Some('}') => break,
                             Some(ch) => name.push(ch),
-                            None => return Err(format!("unclosed '{{' in {s:?}")),
+                            None => return Err(TemplateError::Unclosed(s.to_owned())),
                         }
                     }
                     out.push_str(&self.value(&name, s)?);
                 }
-                '}' => return Err(format!("unmatched '}}' in {s:?} (write '}}}}' for a brace)")),
+                '}' => return Err(TemplateError::Unmatched(s.to_owned())),
                 _ => out.push(c),
             }
         }
         Ok(out)
     }
 
-    pub(super) fn value(&self, name: &str, whole: &str) -> Result<String, String> {
+    pub(super) fn value(&self, name: &str, whole: &str) -> Result<String, TemplateError> {
         match name {
             "python" => Ok(self.python.to_owned()),
             "device_id" => Ok(self.device()?.device_id.clone()),
             "device_name" => Ok(self.device()?.device_name.clone()),
             "arg0" => Ok(self.device()?.device_args.first().cloned().unwrap_or_default()),
-            "device_args" => Err(format!(
-                "{{device_args}} must be a whole argv item, not part of {whole:?}"
-            )),
-            other => Err(format!("unknown template {{{other}}} (known: {TEMPLATE_NAMES})")),
+            "device_args" => Err(TemplateError::DeviceArgsNotWhole(whole.to_owned())),
+            other => Err(TemplateError::Unknown(other.to_owned())),
         }
     }
 
-    pub(super) fn device(&self) -> Result<&DeviceSpec, String> {
-        self.device
-            .ok_or_else(|| "device templates are only allowed in device entries".to_owned())
+    pub(super) fn device(&self) -> Result<&DeviceSpec, TemplateError> {
+        self.device.ok_or(TemplateError::DeviceOnly)
     }
 }

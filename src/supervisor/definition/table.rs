@@ -193,7 +193,7 @@ impl ProcessTable {
         let path = launchers.search_path.clone().or_else(|| std::env::var("PATH").ok());
         let program = resolve_program_in(&argv[0], path.as_deref()).map_err(|message| CommandError::NotFound {
             program: argv[0].clone(),
-            message,
+            message: message.to_string(),
         })?;
         argv[0] = program.display().to_string();
         Ok(argv)
