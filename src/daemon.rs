@@ -6,7 +6,6 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,7 +120,7 @@ fn default_home_dir() -> PathBuf {
 }
 
 /// A boxed future for lifecycle hooks.
-pub type HookFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+pub type HookFuture<'a> = crate::util::BoxFuture<'a, ()>;
 
 /// An integration that must know when the daemon is up and when it goes down (the registry).
 pub trait Lifecycle: Send + Sync {

@@ -1,8 +1,6 @@
 //! Is a control server alive? A `Ping` on its commanding endpoint, found directly or through a locator
 //! (the Service Registry). Used for readiness checks and the status commands.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,8 +8,7 @@ use crate::client::ControlClient;
 use crate::codec::Value;
 use crate::supervisor::{PingTarget, ProcessDefinition, ReadinessProbe};
 
-/// A boxed future.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::util::BoxFuture;
 
 /// Finds the commanding endpoint of a service type (`SM_CS`, `DUMMY_01`…), e.g. in the registry.
 pub trait Locator: Send + Sync {
@@ -83,7 +80,7 @@ impl Pinger {
 }
 
 impl ReadinessProbe for Pinger {
-    fn probe(&self, def: &ProcessDefinition) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>> {
+    fn probe(&self, def: &ProcessDefinition) -> BoxFuture<'static, bool> {
         let me = self.clone();
         let target = def.readiness.as_ref().map(|r| r.ping.clone());
         Box::pin(async move {

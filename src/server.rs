@@ -5,9 +5,7 @@
 //! Every request ends in exactly one reply — undecodable frames, unknown names, handler errors and even
 //! handler panics become an `egse.response.Failure` — and the loop itself never stops on bad input.
 
-use std::future::Future;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -105,7 +103,7 @@ pub enum CommandError {
 }
 
 /// A boxed future returned by handlers.
-pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<Value, CommandError>> + Send + 'a>>;
+pub type HandlerFuture<'a> = crate::util::BoxFuture<'a, Result<Value, CommandError>>;
 
 /// The meaning of a socket's table commands.
 pub trait Handler: Send + Sync + 'static {

@@ -283,8 +283,7 @@ fn node_value(n: &Node) -> Value {
 }
 
 /// What [`SetupSource::current`] returns.
-pub type SetupFuture<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Option<std::sync::Arc<Node>>> + Send + 'a>>;
+pub type SetupFuture<'a> = crate::util::BoxFuture<'a, Option<std::sync::Arc<Node>>>;
 
 /// Where the current Setup comes from: the Configuration Manager (with a cache), or a local file.
 pub trait SetupSource: Send + Sync {
@@ -361,9 +360,7 @@ impl LocalSetup {
 }
 
 impl SetupSource for LocalSetup {
-    fn current(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<std::sync::Arc<Node>>> + Send + '_>> {
+    fn current(&self) -> SetupFuture<'_> {
         Box::pin(async move { self.load() })
     }
 

@@ -46,7 +46,8 @@ impl From<&ProcessRecord> for ProcessSample {
 }
 
 use super::push::Pusher;
-use super::storage::{HkRecord, HkValue, HousekeepingSink, SinkError, SinkFuture};
+use super::storage::{HkRecord, HkValue, HousekeepingSink, SinkError};
+use crate::util::BoxFuture;
 
 /// The settings group of the Metrics Hub in CGSE settings files.
 pub const GROUP: &str = "Metrics Hub";
@@ -226,18 +227,18 @@ impl MetricsSink {
 }
 
 impl HousekeepingSink for MetricsSink {
-    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, SinkError>> {
+    fn register(&self, columns: Vec<String>) -> BoxFuture<'_, Result<String, SinkError>> {
         self.inner.register(columns)
     }
 
-    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), SinkError>> {
+    fn save(&self, record: HkRecord) -> BoxFuture<'_, Result<(), SinkError>> {
         for point in self.points(&record) {
             self.pusher.push(point.to_string().into_bytes());
         }
         self.inner.save(record)
     }
 
-    fn shutdown(&self) -> SinkFuture<'_, ()> {
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
         self.inner.shutdown()
     }
 
@@ -256,14 +257,14 @@ mod tests {
 
     struct Counting(std::sync::atomic::AtomicUsize);
     impl HousekeepingSink for Counting {
-        fn register(&self, _c: Vec<String>) -> SinkFuture<'_, Result<String, SinkError>> {
+        fn register(&self, _c: Vec<String>) -> BoxFuture<'_, Result<String, SinkError>> {
             Box::pin(async { Ok("ok".into()) })
         }
-        fn save(&self, _r: HkRecord) -> SinkFuture<'_, Result<(), SinkError>> {
+        fn save(&self, _r: HkRecord) -> BoxFuture<'_, Result<(), SinkError>> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Box::pin(async { Ok(()) })
         }
-        fn shutdown(&self) -> SinkFuture<'_, ()> {
+        fn shutdown(&self) -> BoxFuture<'_, ()> {
             Box::pin(async {})
         }
         fn describe(&self) -> String {

@@ -4,15 +4,13 @@
 //! files (`<data>/daily/YYYYMMDD/YYYYMMDD_<SITE_ID>_<ORIGIN>.csv`, `,` delimiter, `|` quote character,
 //! CRLF line ends, a header when the file is created), so a lab's tools read both alike.
 
-use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::codec::float_repr;
-use crate::util::yyyymmdd;
+use crate::util::{yyyymmdd, BoxFuture};
 
 /// One housekeeping value.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,18 +81,15 @@ pub enum SinkError {
     Several(Vec<SinkError>),
 }
 
-/// Boxed future used by the sink trait.
-pub type SinkFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
 /// Where housekeeping records go. Implementations never block the caller for long: a dead peer costs a
 /// bounded timeout in the housekeeping task, never anything on the request path.
 pub trait HousekeepingSink: Send + Sync {
     /// (Re-)register with the storage backend (`register_to_storage`): what the backend said, or why not.
-    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, SinkError>>;
+    fn register(&self, columns: Vec<String>) -> BoxFuture<'_, Result<String, SinkError>>;
     /// Store one record.
-    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), SinkError>>;
+    fn save(&self, record: HkRecord) -> BoxFuture<'_, Result<(), SinkError>>;
     /// Unregister at shutdown.
-    fn shutdown(&self) -> SinkFuture<'_, ()>;
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
     /// Where records currently go, for logs and status.
     fn describe(&self) -> String;
 }
@@ -250,7 +245,7 @@ impl LocalCsv {
 }
 
 impl HousekeepingSink for LocalCsv {
-    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, SinkError>> {
+    fn register(&self, columns: Vec<String>) -> BoxFuture<'_, Result<String, SinkError>> {
         Box::pin(async move {
             self.set_columns(columns);
             Ok(format!(
@@ -261,14 +256,14 @@ impl HousekeepingSink for LocalCsv {
         })
     }
 
-    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), SinkError>> {
+    fn save(&self, record: HkRecord) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
             self.append_async(record).await?;
             Ok(())
         })
     }
 
-    fn shutdown(&self) -> SinkFuture<'_, ()> {
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
 

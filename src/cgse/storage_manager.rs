@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::cgse::storage::{HkRecord, HkValue, HousekeepingSink, LocalCsv, SinkError, SinkFuture};
+use crate::cgse::storage::{HkRecord, HkValue, HousekeepingSink, LocalCsv, SinkError};
 use crate::client::{command_execution, ClientError, ControlClient};
 use crate::codec::Value;
 use crate::config::{PeerSettings, RegistrySettings};
 use crate::transport;
+use crate::util::BoxFuture;
 
 /// How long a record sent without reply waits for the Storage Manager before we write it ourselves.
 pub const IN_DOUBT_LIMIT: Duration = Duration::from_secs(30);
@@ -524,15 +525,15 @@ impl StorageManagerSink {
 }
 
 impl HousekeepingSink for StorageManagerSink {
-    fn register(&self, columns: Vec<String>) -> SinkFuture<'_, Result<String, SinkError>> {
+    fn register(&self, columns: Vec<String>) -> BoxFuture<'_, Result<String, SinkError>> {
         Box::pin(self.register_now(columns))
     }
 
-    fn save(&self, record: HkRecord) -> SinkFuture<'_, Result<(), SinkError>> {
+    fn save(&self, record: HkRecord) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(self.save_record(record))
     }
 
-    fn shutdown(&self) -> SinkFuture<'_, ()> {
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.close())
     }
 

@@ -46,13 +46,13 @@ pub enum DefinitionError {
     },
     /// A client-supplied `cgse_cmd` was refused.
     #[error(transparent)]
-    Command(#[from] CommandError),
+    Command(#[from] ClientCommandError),
 }
 
 /// Why a client-supplied command string (`StartCommand.cgse_cmd`) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum CommandError {
+pub enum ClientCommandError {
     /// Nothing but whitespace.
     #[error("empty command")]
     Empty,

@@ -5,8 +5,6 @@
 //! The wait is event driven: every state change bumps a `watch` counter in the table, and a waiting gate
 //! re-reads the table when it moves.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +15,13 @@ use super::Ctx;
 /// Runs before a process with a `service_type` is started again after it ended (a crash, a reaped exit).
 pub trait RestartHook: Send + Sync {
     /// Prepares the restart of `def`; the supervisor waits for it at most [`RESTART_HOOK_BOUND`].
-    fn before_restart(&self, def: &ProcessDefinition) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+    fn before_restart(&self, def: &ProcessDefinition) -> GateFuture;
 }
 
 /// The longest a restart waits for the [`RestartHook`]: a hung registry must not keep a service down.
 pub const RESTART_HOOK_BOUND: Duration = Duration::from_secs(5);
 
-pub(crate) type GateFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type GateFuture = crate::util::BoxFuture<'static, ()>;
 
 /// The dependencies of `def` that are not `RUNNING` now (undefined ones included), in `depends_on` order.
 pub(crate) fn unmet(ctx: &Ctx, def: &ProcessDefinition) -> Vec<String> {

@@ -52,9 +52,7 @@ pub mod state;
 pub mod sys;
 
 use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
@@ -67,7 +65,7 @@ pub use definition::{
     DeviceSpec, Launchers, PingTarget, ProcessDefinition, ProcessTable, Readiness, RestartPolicy, DEFAULT_PYTHON,
     ID_ENV, OWNER_ENV,
 };
-pub use error::{CommandError, DefinitionError, ReaperError, SupervisorError};
+pub use error::{ClientCommandError, DefinitionError, ReaperError, SupervisorError};
 pub use gate::{RestartHook, RESTART_HOOK_BOUND};
 pub use graph::{DependencyGraph, GraphError};
 pub use logs::LogConfig;
@@ -82,7 +80,7 @@ use state::{Identity, Persister, Recognized, SavedProcess, StateFile};
 /// Checks whether a process is ready; the daemon plugs in a ZeroMQ `Ping` of the control server.
 pub trait ReadinessProbe: Send + Sync {
     /// One attempt: true when the process answered. The supervisor applies the definition's timeout.
-    fn probe(&self, def: &ProcessDefinition) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>>;
+    fn probe(&self, def: &ProcessDefinition) -> crate::util::BoxFuture<'static, bool>;
 }
 
 /// Where the supervisor keeps its files, and how it captures output.

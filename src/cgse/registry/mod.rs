@@ -557,10 +557,7 @@ impl StaleRecordCleaner {
 }
 
 impl crate::supervisor::RestartHook for StaleRecordCleaner {
-    fn before_restart(
-        &self,
-        def: &crate::supervisor::ProcessDefinition,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+    fn before_restart(&self, def: &crate::supervisor::ProcessDefinition) -> crate::util::BoxFuture<'static, ()> {
         let registry = self.registry.clone();
         let timeout = self.timeout;
         let id = def.id.clone();

@@ -3,10 +3,8 @@
 //! of note, and waiting (backoff, stop timeout, group-empty checks) is done with timers.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
-use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,7 +73,7 @@ pub(crate) enum Initial {
     },
 }
 
-type ProbeFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
+type ProbeFuture = crate::util::BoxFuture<'static, bool>;
 
 /// The process currently owned.
 struct Run {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::supervisor::error::CommandError;
+use crate::supervisor::error::ClientCommandError;
 
 /// `cgse` sub-commands a client may never name, whatever the entry points say: the core services, the
 /// registry, administration and the CLI's own commands. Only device launchers may be run for a client.
@@ -63,12 +63,12 @@ pub(super) fn is_plain_token(s: &str) -> bool {
 /// `A-Z a-z 0-9 _ - . : @ + ,`, not starting with `-` (no option injection into a launcher).
 ///
 /// # Errors
-/// [`CommandError::BadArgument`] naming the argument.
-pub fn validate_client_arg(arg: &str) -> Result<(), CommandError> {
+/// [`ClientCommandError::BadArgument`] naming the argument.
+pub fn validate_client_arg(arg: &str) -> Result<(), ClientCommandError> {
     if is_plain_token(arg) {
         Ok(())
     } else {
-        Err(CommandError::BadArgument {
+        Err(ClientCommandError::BadArgument {
             argument: arg.chars().take(MAX_CLIENT_TOKEN + 8).collect(),
         })
     }
@@ -77,8 +77,8 @@ pub fn validate_client_arg(arg: &str) -> Result<(), CommandError> {
 /// Validates a device id a client wants a new definition for: the same rule as [`validate_client_arg`].
 ///
 /// # Errors
-/// [`CommandError::BadArgument`].
-pub fn validate_client_id(id: &str) -> Result<(), CommandError> {
+/// [`ClientCommandError::BadArgument`].
+pub fn validate_client_id(id: &str) -> Result<(), ClientCommandError> {
     validate_client_arg(id)
 }
 
@@ -186,20 +186,20 @@ pub(super) fn is_metacharacter(c: char) -> bool {
 /// which covers `$(…)`, backticks, pipes, `&&` and newlines) and any program that is not on `allowed`.
 ///
 /// # Errors
-/// [`CommandError`], naming the allow-list when the program is refused.
-pub fn validate_cgse_cmd(cmd: &str, allowed: &[String]) -> Result<Vec<String>, CommandError> {
+/// [`ClientCommandError`], naming the allow-list when the program is refused.
+pub fn validate_cgse_cmd(cmd: &str, allowed: &[String]) -> Result<Vec<String>, ClientCommandError> {
     if let Some(character) = cmd.chars().find(|c| is_metacharacter(*c) && !matches!(c, '\t')) {
-        return Err(CommandError::Metacharacter {
+        return Err(ClientCommandError::Metacharacter {
             command: cmd.to_owned(),
             character,
         });
     }
     let words: Vec<String> = cmd.split_whitespace().map(str::to_owned).collect();
     let Some(program) = words.first() else {
-        return Err(CommandError::Empty);
+        return Err(ClientCommandError::Empty);
     };
     if !allowed.iter().any(|a| a == program) {
-        return Err(CommandError::NotAllowed {
+        return Err(ClientCommandError::NotAllowed {
             command: cmd.to_owned(),
             program: program.clone(),
             allowed: allowed.to_vec(),
@@ -211,10 +211,10 @@ pub fn validate_cgse_cmd(cmd: &str, allowed: &[String]) -> Result<Vec<String>, C
 /// Validates a client's `device_args`: at most [`MAX_CLIENT_ARGS`], each per [`validate_client_arg`].
 ///
 /// # Errors
-/// [`CommandError::BadArgument`] or [`CommandError::TooManyArguments`].
-pub fn validate_client_args(args: &[String]) -> Result<(), CommandError> {
+/// [`ClientCommandError::BadArgument`] or [`ClientCommandError::TooManyArguments`].
+pub fn validate_client_args(args: &[String]) -> Result<(), ClientCommandError> {
     if args.len() > MAX_CLIENT_ARGS {
-        return Err(CommandError::TooManyArguments {
+        return Err(ClientCommandError::TooManyArguments {
             count: args.len(),
             max: MAX_CLIENT_ARGS,
         });
@@ -226,10 +226,14 @@ pub fn validate_client_args(args: &[String]) -> Result<(), CommandError> {
 /// allowed program), then exactly one more word, a permitted launcher of `launchers`.
 ///
 /// # Errors
-/// [`CommandError`], naming the permitted launchers when the sub-command is refused.
-pub fn validate_launcher(cmd: &str, allowed: &[String], launchers: &Launchers) -> Result<Vec<String>, CommandError> {
+/// [`ClientCommandError`], naming the permitted launchers when the sub-command is refused.
+pub fn validate_launcher(
+    cmd: &str,
+    allowed: &[String],
+    launchers: &Launchers,
+) -> Result<Vec<String>, ClientCommandError> {
     let words = validate_cgse_cmd(cmd, allowed)?;
-    let refused = || CommandError::NotALauncher {
+    let refused = || ClientCommandError::NotALauncher {
         command: cmd.to_owned(),
         permitted: launchers.permitted.iter().cloned().collect(),
         source_: launchers.source.clone(),

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::raw::*;
 use super::*;
-use crate::supervisor::error::{CommandError, DefinitionError};
+use crate::supervisor::error::{ClientCommandError, DefinitionError};
 
 /// The operator's process table, parsed from YAML. See `docs/PROCESSES.md`.
 #[derive(Debug, Clone, Default)]
@@ -191,10 +191,11 @@ impl ProcessTable {
     ) -> Result<Vec<String>, DefinitionError> {
         let mut argv = self.check_launcher(cgse_cmd, device_args, launchers)?;
         let path = launchers.search_path.clone().or_else(|| std::env::var("PATH").ok());
-        let program = resolve_program_in(&argv[0], path.as_deref()).map_err(|message| CommandError::NotFound {
-            program: argv[0].clone(),
-            message: message.to_string(),
-        })?;
+        let program =
+            resolve_program_in(&argv[0], path.as_deref()).map_err(|message| ClientCommandError::NotFound {
+                program: argv[0].clone(),
+                message: message.to_string(),
+            })?;
         argv[0] = program.display().to_string();
         Ok(argv)
     }
