@@ -92,7 +92,7 @@ def test_status_and_stop_running(fresh_daemon: Daemon) -> None:
     assert (r.returncode, r.stdout) == (0, status_running(ip))
     r = run_cli("stop")
     assert (r.returncode, r.stdout) == (0, STOP_SENT)
-    assert fresh_daemon.proc.wait(10) == 0
+    assert fresh_daemon.proc.wait(60) == 0
     assert not is_active(PORTS.commanding)
 
 
@@ -138,7 +138,7 @@ def test_start_in_the_foreground_stops_on_a_signal(no_daemon: Ports, sig: signal
         assert wait_until(lambda: proc.poll() is not None or is_active(PORTS.commanding), 20)
         assert proc.poll() is None
         proc.send_signal(sig)
-        assert proc.wait(10) == 0
+        assert proc.wait(60) == 0
         assert proc.stdout is not None and proc.stdout.read() == b""
     finally:
         stop_process(proc)
@@ -343,6 +343,8 @@ def test_reload_dry_run_then_apply(ops: OpsDaemon) -> None:
 def test_events_and_logs_follow_until_the_daemon_goes_away(ops: OpsDaemon, how: str) -> None:
     exe = [str(PM_CS)] if how == "binary" else [sys.executable, "-m", "egse.procman.procman_cs"]
     assert wait_until(lambda: ps_json(how, ops)["beta"]["state"] == "RUNNING", 20)
+    # `-n 1` must show alpha's last line, so wait until it has printed all five.
+    assert wait_until(lambda: "line 4" in cli(how, ops, "logs", "alpha").stdout, 30)
     out = ops.dir / f"events.{how}"
     with open(out, "w") as f:
         events = subprocess.Popen(
@@ -385,7 +387,7 @@ def test_follow_ends_on_ctrl_c(ops: OpsDaemon, how: str) -> None:
         assert p.stdout is not None
         assert p.stdout.readline().startswith(b"line"), "it prints, then follows"
         p.send_signal(signal.SIGINT)
-        assert p.wait(10) == 130
+        assert p.wait(60) == 130
     finally:
         stop_process(p)
         for pipe in (p.stdout, p.stderr):

@@ -549,18 +549,21 @@ def test_a_blocking_send_releases_the_gil() -> None:
         t = threading.Thread(target=spin)
         t.start()
         started = time.monotonic()
-        reply = p.send("get_devices", timeout=0.8)
+        reply = p.send("get_devices", timeout=2.0)
         ended = time.monotonic()
         stop.set()
         t.join()
     assert isinstance(reply, Failure)
     during = [b for b in beats if started <= b <= ended]
     gaps = [b - a for a, b in zip([started, *during], [*during, ended], strict=True)]
-    assert max(gaps) < 0.3, f"the other thread stalled for {max(gaps):.3f} s while send() waited"
+    # Had send() held the GIL, the other thread would not have run at all during the 2 s wait; half of it
+    # leaves a busy machine room to deschedule the thread now and then.
+    assert max(gaps) < 1.0, f"the other thread stalled for {max(gaps):.3f} s while send() waited"
 
 
 def test_ctrl_c_interrupts_a_blocking_send() -> None:
-    with FakeServer(lambda raw: None) as srv:
+    asked = threading.Event()
+    with FakeServer(lambda raw: asked.set()) as srv:  # the request arrives, no reply ever comes
         code = textwrap.dedent(
             f"""
             import sys, time
@@ -585,11 +588,9 @@ def test_ctrl_c_interrupts_a_blocking_send() -> None:
         try:
             assert child.stdout is not None
             assert child.stdout.readline().strip() == "ready"
-            time.sleep(0.5)
-            sent = time.monotonic()
+            assert asked.wait(60), "the request never reached the server"
             child.send_signal(signal.SIGINT)
-            rc = child.wait(10)
-            reacted = time.monotonic() - sent
+            rc = child.wait(60)
             out = child.stdout.read()
         finally:
             if child.poll() is None:
@@ -599,4 +600,6 @@ def test_ctrl_c_interrupts_a_blocking_send() -> None:
                 child.stdout.close()
     assert rc == 42, out
     assert "interrupted after" in out and "Failure" in out
-    assert reacted < 3.0
+    # Interrupted, not timed out: well before the proxy's 60 s timeout.
+    waited = float(out.split("interrupted after ", 1)[1].split()[0])
+    assert waited < 30, out
