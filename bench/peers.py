@@ -19,7 +19,8 @@ Measured for each (the client is this interpreter; the peer's own CLI runs from 
   ``status``);
 * status of n: the CLI (``supervisorctl status`` / ``circusctl status``, a subprocess each, p50) and the raw
   protocol (XML-RPC ``supervisor.getAllProcessInfo`` with ``xmlrpc.client``; circus's ZeroMQ JSON
-  ``status`` and ``list`` with pyzmq), p50 of ``calls`` requests;
+  ``status`` and ``list`` with pyzmq), p50 of ``calls`` requests (key ``main``: ``getAllProcessInfo`` /
+  ``status``; circus's ``list_each``: one ``list`` per watcher, the only way to its pids);
 * idle RSS, with the n programs running, after 2 s idle: the supervisor process and its tree (and its CPU %
   over those 2 s);
 * crash → restarted: ``kill -9`` of one program's pid, then its status polled back to back until it shows
@@ -185,12 +186,14 @@ def timed_calls(fn: Callable[[], Any], n: int, warmup: int = 5) -> dict[str, Any
     return stats(lat, 0, time.perf_counter() - t0)
 
 
-def cli_calls(argv: list[str], n: int, check: Callable[[str], bool]) -> dict[str, Any]:
+def cli_calls(
+    argv: list[str], n: int, check: Callable[[str], bool], env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """``n`` runs of a CLI (a subprocess each): wall time from spawn to exit."""
     lat, bad = [], 0
     for _ in range(n + 1):
         t = time.perf_counter()
-        r = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+        r = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60, env=env)
         dt = time.perf_counter() - t
         if not check(r.stdout):
             bad += 1
@@ -406,7 +409,7 @@ class Supervisord(Peer):
             assert len(r) == self.n
             return r
 
-        return {"getAllProcessInfo": all_info}
+        return {"main": all_info}  # supervisor.getAllProcessInfo
 
     def cli_status(self) -> tuple[list[str], Callable[[str], bool]]:
         argv = [str(peers_bin("supervisorctl")), "-c", str(self.conf), "status"]
@@ -521,7 +524,7 @@ class Circus(Peer):
         def list_pids() -> Any:  # one request per watcher: circus has no "every pid" command
             return [self.call("list", name=p)["pids"] for p in self.names]
 
-        return {"status": status, "list_each": list_pids}
+        return {"main": status, "list_each": list_pids}
 
     def cli_status(self) -> tuple[list[str], Callable[[str], bool]]:
         argv = [str(peers_bin("circusctl")), "--endpoint", self.endpoint, "--timeout", "10", "status"]
