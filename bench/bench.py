@@ -9,7 +9,13 @@ first, then ours, on the same ports, with the same Setup (10 devices) and the sa
 low-overhead Rust client (``examples/wire_bench.rs``, raw ZMTP) measures both servers a second time, so that
 client overhead can be told apart from server cost.
 
-Results: ``bench/results/latest.json`` and a Markdown table on stdout (``--update-md BENCHMARKS.md`` replaces
+Our supervisor (100 ``sleep`` processes through the wire, ``list_processes`` also timed inside the daemon) is
+then measured beside two peers, supervisord and circus (``bench/peers.py``, run from ``.venv-peers``: make it
+once with ``python3 bench/peers.py --setup``, outside the namespace), in a second table. The Python face: our
+``ProcessManagerProxy`` and cgse-core's, both against our daemon (``bench/proxyclient.py``), and the import time
+of both ``egse.procman`` packages.
+
+Results: ``bench/results/latest.json`` and two Markdown tables on stdout (``--update-md BENCHMARKS.md`` replaces
 the block between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``). Needs a private network namespace
 (``scripts/in-netns.sh``) and the reference venv (``PROCMAN_REF_VENV``, see ``scripts/setup-ref-venv.sh``).
 """
@@ -499,7 +505,14 @@ def measure_supervision(srv: Server, env: CgseEnv, cfg: argparse.Namespace, res:
     res["stop_devices"] = pyclient(env, {"phase": "stop_processes", "port": p.pm_cmd, "ids": device_ids()})
     log(f"ours: supervisor through the wire: start {N_PROCS}, status of all (list_processes)")
     sup = {"cmd_port": p.pm_cmd, "mon_port": p.pm_mon, "ids": proc_ids(), "crash_id": "CRASH"}
+    # procman::server at DEBUG logs each request's elapsed_us (the time inside the daemon); one line a request.
+    err_log = env.procs_dir / f"ours.{srv.tag}.err"
+    level = {"phase": "table_call", "port": p.pm_srv, "name": "set_logging_level"}
+    pyclient(env, {**level, "args": ["procman.server", 10]})
+    offset = err_log.stat().st_size
     res["supervisor_py"] = pyclient(env, {"phase": "sup_start", "list_n": cfg.calls, **sup})
+    res["start_process_daemon"] = daemon_elapsed(err_log, "start_process", offset)
+    pyclient(env, {**level, "args": ["procman.server", 20]})
     wb, res["cpu_list_processes_rust_us"] = cpu_per_request(
         srv.pid,
         lambda: wire_bench(
@@ -509,8 +522,6 @@ def measure_supervision(srv: Server, env: CgseEnv, cfg: argparse.Namespace, res:
     )
     res["list_processes_rust"] = wb["call"].get("summary")
     log("ours: list_processes inside the daemon (procman::server at DEBUG logs elapsed_us per request)")
-    err_log = env.procs_dir / f"ours.{srv.tag}.err"
-    level = {"phase": "table_call", "port": p.pm_srv, "name": "set_logging_level"}
     pyclient(env, {**level, "args": ["procman.server", 10]})
     offset = err_log.stat().st_size
     wire_bench(p.pm_cmd, "--ping", "0", "--clients", "0", "--call", "list_processes", "--calls", str(cfg.calls))
@@ -533,7 +544,11 @@ def measure_supervision(srv: Server, env: CgseEnv, cfg: argparse.Namespace, res:
     res["sup_idle_cpu_pct"] = round((peers.cpu_seconds(srv.pid) - cpu0) / 2.0 * 100, 2)
     res["sup_idle_memory"] = peers.tree_memory(srv.pid)
     log(f"ours: crash -> restart x {cfg.kills}, stop {N_PROCS}")
+    pyclient(env, {**level, "args": ["procman.server", 10]})
+    offset = err_log.stat().st_size
     res["supervisor_py"].update(pyclient(env, {"phase": "sup_crash_stop", "kills": cfg.kills, **sup}))
+    res["stop_process_daemon"] = daemon_elapsed(err_log, "stop_process", offset)
+    pyclient(env, {**level, "args": ["procman.server", 20]})
     res["stop_all"] = pyclient(
         env, {"phase": "stop_processes", "port": p.pm_cmd, "ids": device_ids() + proc_ids() + ["CRASH"]}
     )
@@ -636,6 +651,8 @@ ROWS: list[tuple[str, str, str, float, str, tuple[str, float] | None]] = [
 # None: not applicable to that one.
 SUP_ROWS: list[tuple[str, str | None, str | None, str, float, tuple[str, float] | None]] = [
     (f"start {N_PROCS} → all RUNNING", "supervisor_py.start.all_running_ms", "start.all_running_ms", "ms", 1, ("<=", 100)),
+    ("start: requests (procman: `start_process` per process; supervisord: one `startAllProcesses`; circus: `start` per watcher), until the last reply", "supervisor_py.start.calls_returned_ms", "start.calls_returned_ms", "ms", 1, None),
+    ("start_process, time inside the daemon, p50", "start_process_daemon.p50_us", None, "ms", 1e-3, None),
     (f"status of {N_PROCS}, own CLI (`pm_cs ps` / `supervisorctl status` / `circusctl status`), p50", "status_cli.p50_us", "status_cli.p50_us", "ms", 1e-3, None),
     (f"status of {N_PROCS}, own Python client (ProcessManagerProxy / — / —), p50", "proxy.list_processes.p50_us", None, "ms", 1e-3, None),
     (f"status of {N_PROCS}, raw protocol from Python (pyzmq+pickle / XML-RPC `getAllProcessInfo` / ZeroMQ JSON `status`), p50", "supervisor_py.list_processes.p50_us", "status_raw.main.p50_us", "ms", 1e-3, None),
@@ -646,7 +663,10 @@ SUP_ROWS: list[tuple[str, str | None, str | None, str, float, tuple[str, float] 
     ("crash (kill -9) → restarted, new pid RUNNING, p50", "supervisor_py.crash_restart.running_again.p50_us", "crash_restart.running_again.p50_us", "ms", 1e-3, ("<=", 5)),
     ("crash → restarted, max", "supervisor_py.crash_restart.running_again.max_us", "crash_restart.running_again.max_us", "ms", 1e-3, None),
     (f"stop {N_PROCS} → all stopped", "supervisor_py.stop.all_stopped_ms", "stop.all_stopped_ms", "ms", 1, ("<=", 50)),
+    ("stop: requests (procman: `stop_process` per process; supervisord: one `stopAllProcesses`; circus: one `stop`), until the last reply", "supervisor_py.stop.calls_returned_ms", "stop.calls_returned_ms", "ms", 1, None),
+    ("stop_process, time inside the daemon, p50", "stop_process_daemon.p50_us", None, "ms", 1e-3, None),
     (f"idle RSS of the supervisor process, {N_PROCS} running", "sup_idle_memory.rss_kib", "idle_memory.rss_kib", "MB", MB, None),
+    (f"idle USS (private memory) of the supervisor process, {N_PROCS} running", "sup_idle_memory.uss_kib", "idle_memory.uss_kib", "MB", MB, None),
     (f"idle PSS of the supervisor and its {N_PROCS} children", "sup_idle_memory.tree_pss_kib", "idle_memory.tree_pss_kib", "MB", MB, None),
     (f"idle CPU of the supervisor, {N_PROCS} running (2 s)", "sup_idle_cpu_pct", "idle_cpu_pct", "%", 1, None),
 ]  # fmt: skip

@@ -114,7 +114,7 @@ def _children(pid: int) -> list[int]:
 
 def _kib(pid: int) -> dict[str, int]:
     """Rss and Pss of one process (smaps_rollup), in KiB; zeros when it is gone."""
-    out = {"Rss": 0, "Pss": 0}
+    out = {"Rss": 0, "Pss": 0, "Private_Clean": 0, "Private_Dirty": 0}
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
             parts = line.split()
@@ -124,7 +124,7 @@ def _kib(pid: int) -> dict[str, int]:
 
 
 def tree_memory(pid: int) -> dict[str, Any]:
-    """RSS of ``pid``; RSS and PSS summed over its tree (itself and every descendant), in KiB.
+    """RSS, PSS and USS (private pages) of ``pid``; RSS and PSS summed over its tree (itself and every descendant), in KiB.
 
     PSS shares each page among the processes that map it, so the tree's PSS does not count the 100 children's
     shared libc n times (their RSS sum does)."""
@@ -137,6 +137,7 @@ def tree_memory(pid: int) -> dict[str, Any]:
     return {
         "rss_kib": each[0]["Rss"],
         "pss_kib": each[0]["Pss"],
+        "uss_kib": each[0]["Private_Clean"] + each[0]["Private_Dirty"],
         "tree_rss_kib": sum(m["Rss"] for m in each),
         "tree_pss_kib": sum(m["Pss"] for m in each),
         "tree_processes": len(seen),
