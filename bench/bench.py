@@ -9,7 +9,13 @@ first, then ours, on the same ports, with the same Setup (10 devices) and the sa
 low-overhead Rust client (``examples/wire_bench.rs``, raw ZMTP) measures both servers a second time, so that
 client overhead can be told apart from server cost.
 
-Results: ``bench/results/latest.json`` and a Markdown table on stdout (``--update-md BENCHMARKS.md`` replaces
+Our supervisor (100 ``sleep`` processes through the wire, ``list_processes`` also timed inside the daemon) is
+then measured beside two peers, supervisord and circus (``bench/peers.py``, run from ``.venv-peers``: make it
+once with ``python3 bench/peers.py --setup``, outside the namespace), in a second table. The Python face: our
+``ProcessManagerProxy`` and cgse-core's, both against our daemon (``bench/proxyclient.py``), and the import time
+of both ``egse.procman`` packages.
+
+Results: ``bench/results/latest.json`` and two Markdown tables on stdout (``--update-md BENCHMARKS.md`` replaces
 the block between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``). Needs a private network namespace
 (``scripts/in-netns.sh``) and the reference venv (``PROCMAN_REF_VENV``, see ``scripts/setup-ref-venv.sh``).
 """
@@ -35,6 +41,7 @@ import zmq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "python"))
 
+import peers
 from refenv import (
     CgseEnv,
     free_ports,
@@ -48,7 +55,8 @@ FAKE_DEVICE = REPO / "bench" / "fake_device.py"
 PM_CS = REPO / "target" / "release" / "pm_cs"
 WIRE_BENCH = REPO / "target" / "release" / "examples" / "wire_bench"
 N_DEVICES = 10
-N_PROCS = 50
+PROXYCLIENT = REPO / "bench" / "proxyclient.py"
+N_PROCS = 100
 COMMAND = "scripts/in-netns.sh .venv/bin/python bench/bench.py"
 
 
@@ -64,7 +72,7 @@ def device_ids() -> list[str]:
 
 
 def proc_ids() -> list[str]:
-    return [f"P{i:02d}" for i in range(N_PROCS)]
+    return [f"P{i:03d}" for i in range(N_PROCS)]
 
 
 def bench_setup_yaml(site_id: str, ports: list[int]) -> str:
@@ -89,7 +97,7 @@ def bench_setup_yaml(site_id: str, ports: list[int]) -> str:
 
 
 def process_table_yaml(ports: list[int]) -> str:
-    """Ours: the 10 Setup devices (a fake control server each, ready when it answers Ping), 50 `sleep`s and a
+    """Ours: the 10 Setup devices (a fake control server each, ready when it answers Ping), 100 `sleep`s and a
     crash target with zero backoff and no crash-loop limit."""
     lines = [
         "# Process table of the side-by-side benchmark (written by bench/bench.py).",
@@ -281,6 +289,108 @@ def wire_bench(port: int, *args: str, timeout: float = 120.0) -> dict[str, Any]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def proxyclient(python: str, env: CgseEnv, spec: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    """bench/proxyclient.py under ``python``: ours (this venv) or the original (the reference venv)."""
+    r = subprocess.run(
+        [python, str(PROXYCLIENT), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env.env(),
+        cwd=env.run_dir,
+        check=False,
+    )
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"proxyclient ({python}) failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def import_time(python: str, env: CgseEnv, runs: int) -> dict[str, Any]:
+    """``import egse.procman`` under ``python``: ``-X importtime``'s cumulative figure for the package (median of
+    ``runs``), and the wall time of ``python -c "import egse.procman"`` less that of ``python -c pass``."""
+    cumulative, wall, bare = [], [], []
+    for _ in range(runs + 1):
+        r = subprocess.run(
+            [python, "-X", "importtime", "-c", "import egse.procman"],
+            capture_output=True, text=True, env=env.env(), cwd=env.run_dir, check=True,
+        )  # fmt: skip
+        for line in r.stderr.splitlines():
+            parts = [x.strip() for x in line.split("|")]
+            if len(parts) == 3 and parts[2] == "egse.procman":
+                cumulative.append(int(parts[1]))
+        for argv, into in (([python, "-c", "import egse.procman"], wall), ([python, "-c", "pass"], bare)):
+            t = time.perf_counter()
+            subprocess.run(argv, capture_output=True, env=env.env(), cwd=env.run_dir, check=True)
+            into.append(time.perf_counter() - t)
+    # The first run warms the page cache.
+    cumulative, wall, bare = cumulative[1:], wall[1:], bare[1:]
+    return {
+        "importtime_cumulative_us": statistics.median(cumulative) if cumulative else None,
+        "wall_ms": round(statistics.median(wall) * 1e3, 1),
+        "bare_interpreter_ms": round(statistics.median(bare) * 1e3, 1),
+        "import_ms": round((statistics.median(wall) - statistics.median(bare)) * 1e3, 1),
+        "runs": runs,
+    }
+
+
+def daemon_elapsed(err_log: Path, command: str, offset: int) -> dict[str, Any]:
+    """``elapsed_us`` of the daemon's debug ``request`` lines for ``command``, from byte ``offset`` of its log."""
+    import re
+
+    with err_log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    pat = re.compile(rf"command={re.escape(command)}\b.*?elapsed_us=(\d+)")
+    us = [int(m.group(1)) for m in pat.finditer(text)]
+    from pyclient import stats
+
+    return stats([x / 1e6 for x in us])
+
+
+def cpu_per_request(pid: int, fn: Any, requests: Any) -> tuple[Any, float | None]:
+    """Run ``fn()``; the server's CPU (utime + stime of ``pid``) over it divided by ``requests(result)``, in µs."""
+    c0 = peers.cpu_seconds(pid)
+    out = fn()
+    c1 = peers.cpu_seconds(pid)
+    n = requests(out)
+    return out, (round((c1 - c0) / n * 1e6, 2) if n else None)
+
+
+def standalone_idle(idle: float) -> dict[str, Any]:
+    """Our daemon on its embedded defaults (no settings file, no CGSE service to talk to): RSS after ``idle`` s."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-standalone-") as tmp:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("CGSE", "PROJECT", "SITE_ID"))}
+        environ.update(PROCMAN_STATE_DIR=str(Path(tmp) / "state"), PROCMAN_LOG="info")
+        for port in (6120, 6121, 6122):
+            wait_port_free(port)
+        with open(Path(tmp) / "err", "wb") as err:
+            proc = subprocess.Popen(
+                [str(PM_CS), "start"], stdin=subprocess.DEVNULL, stdout=err, stderr=err, cwd=tmp, env=environ,
+                start_new_session=True, preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl()
+            )  # fmt: skip
+        try:
+            ctx = zmq.Context()
+            s = ctx.socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect("tcp://127.0.0.1:6120")
+            s.send(b"\x80\x04\x95\x08\x00\x00\x00\x00\x00\x00\x00\x8c\x04Ping\x94.")
+            ok = s.poll(10_000)
+            s.close(0)
+            ctx.term()
+            if not ok:
+                raise RuntimeError(f"standalone pm_cs: no Pong: {(Path(tmp) / 'err').read_text()[-2000:]}")
+            time.sleep(idle)
+            return memory(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(15)
+
+
 def wait_port_free(port: int, timeout: float = 30.0) -> None:
     import socket
 
@@ -327,18 +437,36 @@ def measure(kind: str, env: CgseEnv, cfg: argparse.Namespace) -> dict[str, Any]:
         time.sleep(cfg.idle)
         res["idle_memory"] = memory(srv.pid)
 
+        # Server CPU per request: utime + stime of the server over a loop, divided by the requests of the loop
+        # (warm-up requests included). Clock ticks are 10 ms: the loops are long enough for a few %.
         log(f"{kind}: Ping x {cfg.ping} (Python client)")
-        res["ping_py"] = pyclient(env, {"phase": "ping", "port": p.pm_cmd, "n": cfg.ping})
+        res["ping_py"], res["cpu_ping_py_us"] = cpu_per_request(
+            srv.pid,
+            lambda: pyclient(env, {"phase": "ping", "port": p.pm_cmd, "n": cfg.ping}),
+            lambda r: r["n"] + r["errors"] + 20,
+        )
         log(f"{kind}: 8 concurrent clients x {cfg.duration} s (Python client)")
-        res["throughput_py"] = pyclient(
-            env, {"phase": "throughput", "port": p.pm_cmd, "clients": 8, "duration": cfg.duration}
+        res["throughput_py"], res["cpu_throughput_py_us"] = cpu_per_request(
+            srv.pid,
+            lambda: pyclient(env, {"phase": "throughput", "port": p.pm_cmd, "clients": 8, "duration": cfg.duration}),
+            lambda r: r["n"] + r["errors"] + 8 * 20,
         )
         log(f"{kind}: Ping and 8 clients (Rust client)")
+        wb, res["cpu_ping_rust_us"] = cpu_per_request(
+            srv.pid,
+            lambda: wire_bench(p.pm_cmd, "--ping", str(cfg.ping), "--clients", "0"),
+            lambda r: r["ping"]["n"] + r["ping"]["errors"] + 50,
+        )
+        res["ping_rust"] = wb["ping"]
+        wb, res["cpu_throughput_rust_us"] = cpu_per_request(
+            srv.pid,
+            lambda: wire_bench(p.pm_cmd, "--ping", "0", "--clients", "8", "--duration", str(cfg.duration)),
+            lambda r: r["throughput"]["summary"]["n"] + r["throughput"]["summary"]["errors"] + 8 * 20,
+        )
+        res["throughput_rust"] = wb["throughput"]["summary"]
         wb = wire_bench(
-            p.pm_cmd, "--ping", str(cfg.ping), "--clients", "8", "--duration", str(cfg.duration),
-            "--call", "get_core_processes", "--calls", str(cfg.calls),
-        )  # fmt: skip
-        res["ping_rust"], res["throughput_rust"] = wb["ping"], wb["throughput"]["summary"]
+            p.pm_cmd, "--ping", "0", "--clients", "0", "--call", "get_core_processes", "--calls", str(cfg.calls)
+        )
         res["get_core_processes_rust"] = wb["call"].get("summary")
         log(f"{kind}: table commands x {cfg.calls} (Python client)")
         res["calls_py"] = pyclient(env, {"phase": "calls", "cmd_port": p.pm_cmd, "svc_port": p.pm_srv, "n": cfg.calls})
@@ -360,18 +488,7 @@ def measure(kind: str, env: CgseEnv, cfg: argparse.Namespace) -> dict[str, Any]:
             },
         )
         if kind == "ours":
-            log(f"ours: supervisor through the wire: start {N_PROCS}, status of all (list_processes)")
-            sup = {"cmd_port": p.pm_cmd, "mon_port": p.pm_mon, "ids": proc_ids(), "crash_id": "CRASH"}
-            res["supervisor_py"] = pyclient(env, {"phase": "sup_start", "list_n": cfg.calls, **sup})
-            wb = wire_bench(
-                p.pm_cmd, "--ping", "0", "--clients", "0", "--call", "list_processes", "--calls", str(cfg.calls)
-            )
-            res["list_processes_rust"] = wb["call"].get("summary")
-            log(f"ours: crash -> restart x {cfg.kills}, stop {N_PROCS}")
-            res["supervisor_py"].update(pyclient(env, {"phase": "sup_crash_stop", "kills": cfg.kills, **sup}))
-            res["stop_all"] = pyclient(
-                env, {"phase": "stop_processes", "port": p.pm_cmd, "ids": device_ids() + proc_ids() + ["CRASH"]}
-            )
+            measure_supervision(srv, env, cfg, res)
         res["after_load_memory"] = memory(srv.pid)
         log(f"{kind}: quit_server -> exit")
         res["quit"] = pyclient(env, {"phase": "quit", "svc_port": p.pm_srv, "pid": srv.pid})
@@ -379,6 +496,62 @@ def measure(kind: str, env: CgseEnv, cfg: argparse.Namespace) -> dict[str, Any]:
     finally:
         srv.stop()
     return res
+
+
+def measure_supervision(srv: Server, env: CgseEnv, cfg: argparse.Namespace, res: dict[str, Any]) -> None:
+    """Ours only (the original has no supervisor), measured as bench/peers.py measures supervisord and circus."""
+    p = env.ports
+    # The devices (Python processes) are stopped first: the tree measured below is the daemon and its sleeps.
+    res["stop_devices"] = pyclient(env, {"phase": "stop_processes", "port": p.pm_cmd, "ids": device_ids()})
+    log(f"ours: supervisor through the wire: start {N_PROCS}, status of all (list_processes)")
+    sup = {"cmd_port": p.pm_cmd, "mon_port": p.pm_mon, "ids": proc_ids(), "crash_id": "CRASH"}
+    # procman::server at DEBUG logs each request's elapsed_us (the time inside the daemon); one line a request.
+    err_log = env.procs_dir / f"ours.{srv.tag}.err"
+    level = {"phase": "table_call", "port": p.pm_srv, "name": "set_logging_level"}
+    pyclient(env, {**level, "args": ["procman.server", 10]})
+    offset = err_log.stat().st_size
+    res["supervisor_py"] = pyclient(env, {"phase": "sup_start", "list_n": cfg.calls, **sup})
+    res["start_process_daemon"] = daemon_elapsed(err_log, "start_process", offset)
+    pyclient(env, {**level, "args": ["procman.server", 20]})
+    wb, res["cpu_list_processes_rust_us"] = cpu_per_request(
+        srv.pid,
+        lambda: wire_bench(
+            p.pm_cmd, "--ping", "0", "--clients", "0", "--call", "list_processes", "--calls", str(cfg.calls)
+        ),
+        lambda r: r["call"]["summary"]["n"] + r["call"]["summary"]["errors"] + 50,
+    )
+    res["list_processes_rust"] = wb["call"].get("summary")
+    log("ours: list_processes inside the daemon (procman::server at DEBUG logs elapsed_us per request)")
+    pyclient(env, {**level, "args": ["procman.server", 10]})
+    offset = err_log.stat().st_size
+    wire_bench(p.pm_cmd, "--ping", "0", "--clients", "0", "--call", "list_processes", "--calls", str(cfg.calls))
+    time.sleep(0.2)
+    res["list_processes_daemon"] = daemon_elapsed(err_log, "list_processes", offset)
+    pyclient(env, {**level, "args": ["procman.server", 20]})
+    log(f"ours: status of {N_PROCS} through our CLI (pm_cs ps) x {cfg.cli_runs}")
+    res["status_cli"] = peers.cli_calls(
+        [str(PM_CS), "ps"], cfg.cli_runs, lambda out: out.count("RUNNING") >= N_PROCS, env=env.env()
+    )
+    log("ours: the Python face: our ProcessManagerProxy and the original's, both against this daemon")
+    calls = {"port": p.pm_cmd, "n": cfg.calls, "list_n": cfg.calls}
+    res["proxy_ours"] = proxyclient(sys.executable, env, {**calls, "calls": ["ping", "get_devices", "list_processes"]})
+    res["proxy_original"] = proxyclient(ref_python(), env, {**calls, "calls": ["ping", "get_devices"]})
+    log("ours: import egse.procman, ours and the original")
+    res["import_ours"] = import_time(sys.executable, env, cfg.import_runs)
+    res["import_original"] = import_time(ref_python(), env, cfg.import_runs)
+    cpu0 = peers.cpu_seconds(srv.pid)
+    time.sleep(2.0)
+    res["sup_idle_cpu_pct"] = round((peers.cpu_seconds(srv.pid) - cpu0) / 2.0 * 100, 2)
+    res["sup_idle_memory"] = peers.tree_memory(srv.pid)
+    log(f"ours: crash -> restart x {cfg.kills}, stop {N_PROCS}")
+    pyclient(env, {**level, "args": ["procman.server", 10]})
+    offset = err_log.stat().st_size
+    res["supervisor_py"].update(pyclient(env, {"phase": "sup_crash_stop", "kills": cfg.kills, **sup}))
+    res["stop_process_daemon"] = daemon_elapsed(err_log, "stop_process", offset)
+    pyclient(env, {**level, "args": ["procman.server", 20]})
+    res["stop_all"] = pyclient(
+        env, {"phase": "stop_processes", "port": p.pm_cmd, "ids": device_ids() + proc_ids() + ["CRASH"]}
+    )
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -425,61 +598,78 @@ def _get(d: dict[str, Any], path: str) -> Any:
     return d
 
 
-# (label, path, unit, scale, better: "lower"/"higher", target for ours as (op, value) or None)
+# (label, path, unit, scale, better: "lower"/"higher", target for ours as (op, value) or None). Targets: issue #11.
+MB = 1024 / 1e6
 ROWS: list[tuple[str, str, str, float, str, tuple[str, float] | None]] = [
-    ("start-up: spawn → first Pong (median of starts)", "startup_ms.median", "ms", 1, "lower", ("<", 50)),
-    ("idle RSS after 5 s", "idle_memory.rss_kib", "MB", 1024 / 1e6, "lower", ("<", 15)),
-    ("idle USS after 5 s", "idle_memory.uss_kib", "MB", 1024 / 1e6, "lower", None),
+    ("start-up: spawn → first Pong (median of starts)", "startup_ms.median", "ms", 1, "lower", ("<=", 20)),
+    ("idle RSS after 5 s, standalone (embedded defaults, no CGSE services)", "standalone_idle.rss_kib", "MB", MB, "lower", ("<=", 6)),
+    ("idle RSS after 5 s, registered with the CGSE services", "idle_memory.rss_kib", "MB", MB, "lower", None),
+    ("idle USS after 5 s, registered", "idle_memory.uss_kib", "MB", MB, "lower", None),
     ("Ping p50, one REQ socket (Python client)", "ping_py.p50_us", "µs", 1, "lower", ("<", 100)),
     ("Ping p99 (Python client)", "ping_py.p99_us", "µs", 1, "lower", ("<", 1000)),
-    ("Ping max (Python client)", "ping_py.max_us", "µs", 1, "lower", None),
+    ("Ping p99.9 (Python client)", "ping_py.p999_us", "µs", 1, "lower", ("<=", 1000)),
+    ("Ping max (Python client)", "ping_py.max_us", "µs", 1, "lower", ("<=", 1000)),
     ("Ping requests/s, one socket (Python client)", "ping_py.rps", "req/s", 1, "higher", None),
+    ("server CPU per Ping, sequential (Python client)", "cpu_ping_py_us", "µs", 1, "lower", ("<=", 12)),
     ("Ping p50 (Rust client)", "ping_rust.p50_us", "µs", 1, "lower", ("<", 100)),
     ("Ping p99 (Rust client)", "ping_rust.p99_us", "µs", 1, "lower", ("<", 1000)),
-    ("Ping max (Rust client)", "ping_rust.max_us", "µs", 1, "lower", None),
+    ("Ping p99.9 (Rust client)", "ping_rust.p999_us", "µs", 1, "lower", ("<=", 1000)),
+    ("Ping max (Rust client)", "ping_rust.max_us", "µs", 1, "lower", ("<=", 1000)),
     ("Ping requests/s, one socket (Rust client)", "ping_rust.rps", "req/s", 1, "higher", None),
+    ("server CPU per Ping, sequential (Rust client)", "cpu_ping_rust_us", "µs", 1, "lower", ("<=", 12)),
     ("8 concurrent clients, requests/s (Python clients)", "throughput_py.rps", "req/s", 1, "higher", (">=", 20000)),
     ("8 concurrent clients, p99 (Python clients)", "throughput_py.p99_us", "µs", 1, "lower", None),
+    ("server CPU per Ping, 8 clients (Python clients)", "cpu_throughput_py_us", "µs", 1, "lower", ("<=", 12)),
     ("8 concurrent clients, requests/s (Rust client)", "throughput_rust.rps", "req/s", 1, "higher", (">=", 20000)),
     ("8 concurrent clients, p99 (Rust client)", "throughput_rust.p99_us", "µs", 1, "lower", None),
+    ("server CPU per Ping, 8 clients (Rust client)", "cpu_throughput_rust_us", "µs", 1, "lower", ("<=", 12)),
     ("send_commands p50", "calls_py.send_commands.p50_us", "µs", 1, "lower", None),
-    ("get_devices p50 (10 devices)", "calls_py.get_devices.p50_us", "µs", 1, "lower", None),
-    ("get_device_ids p50", "calls_py.get_device_ids.p50_us", "µs", 1, "lower", None),
+    ("get_devices p50 (10 devices)", "calls_py.get_devices.p50_us", "ms", 1e-3, "lower", ("<=", 0.15)),
+    ("get_device_ids p50", "calls_py.get_device_ids.p50_us", "ms", 1e-3, "lower", ("<=", 0.15)),
     ("get_core_processes p50", "calls_py.get_core_processes.p50_us", "µs", 1, "lower", None),
     ("get_core_processes p50 (Rust client)", "get_core_processes_rust.p50_us", "µs", 1, "lower", None),
-    ("service port get_process_status p50", "calls_py.service_get_process_status.p50_us", "µs", 1, "lower", None),
-    (
-        "get_device_process_status, 10 devices, p50 of rounds",
-        "device_status_py.round.p50_us",
-        "ms",
-        1e-3,
-        "lower",
-        None,
-    ),
+    ("service port get_process_status p50", "calls_py.service_get_process_status.p50_us", "ms", 1e-3, "lower", ("<=", 0.25)),
+    ("get_device_process_status, 10 devices, p50 of rounds", "device_status_py.round.p50_us", "ms", 1e-3, "lower", None),
     ("get_device_process_status, one call p50", "device_status_py.per_call.p50_us", "µs", 1, "lower", None),
-    ("quit_server → process exit", "quit.exit_ms", "ms", 1, "lower", None),
-    ("RSS after the whole run (peak)", "after_load_memory.peak_rss_kib", "MB", 1024 / 1e6, "lower", None),
-    ("start 50 processes → all RUNNING", "supervisor_py.start.all_running_ms", "ms", 1, "lower", ("<", 300)),
-    (
-        "status of 50: list_processes p50 (Python client)",
-        "supervisor_py.list_processes.p50_us",
-        "µs",
-        1,
-        "lower",
-        ("<", 1000),
-    ),
-    ("status of 50: list_processes p50 (Rust client)", "list_processes_rust.p50_us", "µs", 1, "lower", ("<", 1000)),
-    (
-        "crash → restarted (kill -9 → new pid RUNNING), p50",
-        "supervisor_py.crash_restart.running_again.p50_us",
-        "ms",
-        1e-3,
-        "lower",
-        ("<", 20),
-    ),
+    ("quit_server → process exit", "quit.exit_ms", "ms", 1, "lower", ("<=", 20)),
+    ("RSS after the whole run (peak)", "after_load_memory.peak_rss_kib", "MB", MB, "lower", None),
+    (f"start {N_PROCS} processes → all RUNNING", "supervisor_py.start.all_running_ms", "ms", 1, "lower", ("<=", 100)),
+    (f"status of {N_PROCS}: list_processes in the daemon, p50", "list_processes_daemon.p50_us", "ms", 1e-3, "lower", ("<=", 0.2)),
+    (f"status of {N_PROCS}: list_processes p50 (Python client)", "supervisor_py.list_processes.p50_us", "ms", 1e-3, "lower", None),
+    (f"status of {N_PROCS}: list_processes p50 (Rust client)", "list_processes_rust.p50_us", "ms", 1e-3, "lower", None),
+    ("crash → restarted (kill -9 → new pid RUNNING), p50", "supervisor_py.crash_restart.running_again.p50_us", "ms", 1e-3, "lower", ("<=", 5)),
     ("crash → restarted, max", "supervisor_py.crash_restart.running_again.max_us", "ms", 1e-3, "lower", None),
-    ("stop 50 processes → all STOPPED", "supervisor_py.stop.all_stopped_ms", "ms", 1, "lower", None),
-]
+    (f"stop {N_PROCS} processes → all STOPPED", "supervisor_py.stop.all_stopped_ms", "ms", 1, "lower", ("<=", 50)),
+    ("Python proxy ping() p50, both proxies against procman's daemon", "proxy.ping.p50_us", "µs", 1, "lower", None),
+    ("Python proxy get_devices() p50, both proxies against procman's daemon", "proxy.get_devices.p50_us", "µs", 1, "lower", None),
+    (f"Python proxy list_processes() p50 ({N_PROCS} running; the original proxy has none)", "proxy.list_processes.p50_us", "µs", 1, "lower", None),
+    ("import egse.procman (-X importtime, cumulative)", "import.importtime_cumulative_us", "ms", 1e-3, "lower", None),
+    ("python -c 'import egse.procman' less bare interpreter", "import.import_ms", "ms", 1, "lower", None),
+]  # fmt: skip
+
+# The supervisors side by side: (label, path in ours, path in a peer, unit, scale, target for ours). A path of
+# None: not applicable to that one.
+SUP_ROWS: list[tuple[str, str | None, str | None, str, float, tuple[str, float] | None]] = [
+    (f"start {N_PROCS} → all RUNNING", "supervisor_py.start.all_running_ms", "start.all_running_ms", "ms", 1, ("<=", 100)),
+    ("start: requests (procman: `start_process` per process; supervisord: one `startAllProcesses`; circus: `start` per watcher), until the last reply", "supervisor_py.start.calls_returned_ms", "start.calls_returned_ms", "ms", 1, None),
+    ("start_process, time inside the daemon, p50", "start_process_daemon.p50_us", None, "ms", 1e-3, None),
+    (f"status of {N_PROCS}, own CLI (`pm_cs ps` / `supervisorctl status` / `circusctl status`), p50", "status_cli.p50_us", "status_cli.p50_us", "ms", 1e-3, None),
+    (f"status of {N_PROCS}, own Python client (ProcessManagerProxy / — / —), p50", "proxy.list_processes.p50_us", None, "ms", 1e-3, None),
+    (f"status of {N_PROCS}, raw protocol from Python (pyzmq+pickle / XML-RPC `getAllProcessInfo` / ZeroMQ JSON `status`), p50", "supervisor_py.list_processes.p50_us", "status_raw.main.p50_us", "ms", 1e-3, None),
+    (f"status of {N_PROCS} with every pid, raw protocol (— / as above / one `list` per watcher), p50", None, "status_raw.list_each.p50_us", "ms", 1e-3, None),
+    (f"status of {N_PROCS}, raw protocol from Rust (wire_bench), p50", "list_processes_rust.p50_us", None, "ms", 1e-3, None),
+    (f"status of {N_PROCS}, time inside the daemon, p50", "list_processes_daemon.p50_us", None, "ms", 1e-3, ("<=", 0.2)),
+    ("supervisor CPU per raw status request", "cpu_list_processes_rust_us", "status_raw.main.server_cpu_us", "ms", 1e-3, None),
+    ("crash (kill -9) → restarted, new pid RUNNING, p50", "supervisor_py.crash_restart.running_again.p50_us", "crash_restart.running_again.p50_us", "ms", 1e-3, ("<=", 5)),
+    ("crash → restarted, max", "supervisor_py.crash_restart.running_again.max_us", "crash_restart.running_again.max_us", "ms", 1e-3, None),
+    (f"stop {N_PROCS} → all stopped", "supervisor_py.stop.all_stopped_ms", "stop.all_stopped_ms", "ms", 1, ("<=", 50)),
+    ("stop: requests (procman: `stop_process` per process; supervisord: one `stopAllProcesses`; circus: one `stop`), until the last reply", "supervisor_py.stop.calls_returned_ms", "stop.calls_returned_ms", "ms", 1, None),
+    ("stop_process, time inside the daemon, p50", "stop_process_daemon.p50_us", None, "ms", 1e-3, None),
+    (f"idle RSS of the supervisor process, {N_PROCS} running", "sup_idle_memory.rss_kib", "idle_memory.rss_kib", "MB", MB, None),
+    (f"idle USS (private memory) of the supervisor process, {N_PROCS} running", "sup_idle_memory.uss_kib", "idle_memory.uss_kib", "MB", MB, None),
+    (f"idle PSS of the supervisor and its {N_PROCS} children", "sup_idle_memory.tree_pss_kib", "idle_memory.tree_pss_kib", "MB", MB, None),
+    (f"idle CPU of the supervisor, {N_PROCS} running (2 s)", "sup_idle_cpu_pct", "idle_cpu_pct", "%", 1, None),
+]  # fmt: skip
 
 
 def _fmt(v: float | None) -> str:
@@ -490,6 +680,17 @@ def _fmt(v: float | None) -> str:
     if abs(v) >= 10:
         return f"{v:.1f}"
     return f"{v:.2f}"
+
+
+def _met(v: float | None, target: tuple[str, float] | None) -> bool | None:
+    if target is None or v is None:
+        return None
+    op, val = target
+    return {"<": v < val, "<=": v <= val, ">=": v >= val}[op]
+
+
+def _met_md(met: bool | None) -> str:
+    return "" if met is None else ("yes" if met else "**no**")
 
 
 def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
@@ -504,17 +705,44 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         ratio = None
         if o and u:
             ratio = o / u if better == "lower" else u / o
-        met = None
-        if target and u is not None:
-            op, val = target
-            met = u < val if op == "<" else u >= val
+        met = _met(u, target)
         rows.append({"measure": label, "unit": unit, "original": o, "ours": u, "ratio": ratio, "met": met})
         tgt = f"{target[0]} {target[1]:g} {unit}" if target else ""
         out.append(
             f"| {label} | {unit} | {_fmt(o)} | {_fmt(u)} | {'' if ratio is None else f'{ratio:,.1f}×'} | {tgt} | "
-            f"{'' if met is None else ('yes' if met else '**no**')} |"
+            f"{_met_md(met)} |"
         )
     return "\n".join(out), rows
+
+
+def sup_table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """Ours, supervisord and circus: each column from its own run of the same measurements."""
+    names = [n for n in peers.PEERS if n in results.get("peers", {})]
+    cols = ["procman", *names]
+    out = [
+        "| measure | unit | " + " | ".join(cols) + " | target (procman) | met |",
+        "|---|---|" + "---:|" * len(cols) + "---|---|",
+    ]
+    rows = []
+    for label, ours_path, peer_path, unit, scale, target in SUP_ROWS:
+        vals: dict[str, float | None] = {}
+        u = _get(results.get("ours", {}), ours_path) if ours_path else None
+        vals["procman"] = None if u is None else u * scale
+        for n in names:
+            pr = results["peers"][n]
+            v = _get(pr, peer_path) if peer_path and "error" not in pr else None
+            vals[n] = None if v is None else v * scale
+        met = _met(vals["procman"], target)
+        rows.append({"measure": label, "unit": unit, **vals, "met": met})
+        tgt = f"{target[0]} {target[1]:g} {unit}" if target else ""
+        cells = " | ".join(_fmt(vals[c]) for c in cols)
+        out.append(f"| {label} | {unit} | {cells} | {tgt} | {_met_md(met)} |")
+    versions = ", ".join(
+        f"{n} {results['peers'][n].get('version', '?')}"
+        + (f" (not measured: {results['peers'][n]['error']})" if "error" in results["peers"][n] else "")
+        for n in names
+    )
+    return f"Supervisors side by side ({N_PROCS} × `sleep 1000` each; {versions}):\n\n" + "\n".join(out), rows
 
 
 def update_md(path: Path, block: str) -> None:
@@ -533,11 +761,13 @@ def main() -> int:
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build first")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.json")
     ap.add_argument("--update-md", type=Path, help="replace the table block in this Markdown file")
-    ap.add_argument("--only", choices=("original", "ours"), help="measure one server only")
+    ap.add_argument("--only", choices=("original", "ours", "peers"), help="measure one of them only")
+    ap.add_argument("--no-peers", action="store_true", help="leave supervisord and circus out")
     cfg = ap.parse_args()
-    cfg.starts, cfg.idle, cfg.ping, cfg.duration, cfg.calls, cfg.rounds, cfg.kills = (
-        (3, 5.0, 500, 1.0, 100, 5, 5) if cfg.quick else (7, 5.0, 2000, 3.0, 300, 20, 20)
-    )
+    (cfg.starts, cfg.idle, cfg.ping, cfg.duration, cfg.calls, cfg.rounds, cfg.kills, cfg.cli_runs,
+     cfg.import_runs) = (
+        (3, 5.0, 2000, 1.0, 100, 5, 5, 5, 3) if cfg.quick else (7, 5.0, 10000, 3.0, 300, 20, 20, 20, 10)
+    )  # fmt: skip
     if not in_private_netns():
         print("bench.py: run it inside a private network namespace: " + COMMAND, file=sys.stderr)
         return 2
@@ -549,6 +779,9 @@ def main() -> int:
     results: dict[str, Any] = {"command": COMMAND + (" --quick" if cfg.quick else ""), "machine": machine()}
     log(f"machine: {results['machine']}")
     dev_ports = free_ports(N_DEVICES)
+    if cfg.only in (None, "ours"):
+        log(f"ours: standalone daemon (embedded defaults), idle {cfg.idle} s, then memory")
+        standalone = standalone_idle(cfg.idle)
     with CgseEnv(setup_id=1) as env:
         env.write_setup(0, zero_setup_yaml(env.site_id))
         env.write_setup(1, bench_setup_yaml(env.site_id, dev_ports))
@@ -567,12 +800,33 @@ def main() -> int:
                 continue
             results[kind] = measure(kind, env, cfg)
             time.sleep(1.0)
+        if cfg.only in (None, "peers") and not cfg.no_peers:
+            results["peers"] = {}
+            for name in peers.PEERS:
+                log(f"{name}: {N_PROCS} programs (bench/peers.py)")
+                try:
+                    results["peers"][name] = peers.run_peer(name, N_PROCS, cfg.kills, cfg.calls, cfg.cli_runs)
+                except Exception as e:  # noqa: BLE001 - reported in the table, not hidden
+                    log(f"{name}: NOT MEASURED: {e}")
+                    results["peers"][name] = {"error": str(e).splitlines()[0][:200]}
+                time.sleep(1.0)
         results["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    if "ours" in results:
+        ours = results["ours"]
+        ours["standalone_idle"] = standalone
+        # Both proxies and both packages were measured during our run (same server): file each under its own.
+        for key in ("proxy", "import"):
+            results.setdefault("original", {})[key] = ours.pop(f"{key}_original", None)
+            ours[key] = ours.pop(f"{key}_ours", None)
     if cfg.only:
         print(json.dumps(results, indent=2))
         return 0
     md, rows = table(results)
     results["table"] = rows
+    if "peers" in results:
+        sup_md, sup_rows = sup_table(results)
+        results["sup_table"] = sup_rows
+        md += "\n\n" + sup_md
     m = results["machine"]
     header = (
         f"Measured {m['date_utc']} with `{results['command']}` on {m['cpu']} ({m['cores']} cores, {m['memory']}), "

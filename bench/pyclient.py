@@ -102,6 +102,7 @@ def stats(lat_s: list[float], errors: int = 0, elapsed: float | None = None) -> 
         "errors": errors,
         "p50_us": pct(0.5),
         "p99_us": pct(0.99),
+        "p999_us": pct(0.999),
         "max_us": round(lat[-1] * 1e6, 1),
         "mean_us": round(sum(lat) / n * 1e6, 1),
     }
@@ -423,6 +424,16 @@ def phase_sup_crash_stop(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def phase_table_call(spec: dict[str, Any]) -> dict[str, Any]:
+    """One table command with arguments (e.g. the service port's ``set_logging_level``); its reply's repr."""
+    ctx = zmq.Context()
+    c = Client(ctx, spec["port"])
+    reply = c.call(spec["name"], *spec.get("args", []))
+    c.close()
+    ctx.term()
+    return {"reply": repr(reply), "failure": is_failure(reply)}
+
+
 PHASES = {
     "ping": phase_ping,
     "throughput": phase_throughput,
@@ -433,6 +444,7 @@ PHASES = {
     "stop_processes": phase_stop_processes,
     "sup_start": phase_sup_start,
     "sup_crash_stop": phase_sup_crash_stop,
+    "table_call": phase_table_call,
 }
 
 

@@ -177,9 +177,10 @@ fn summary(mut lat_us: Vec<f64>, errors: usize, elapsed: f64) -> String {
     lat_us.sort_by(f64::total_cmp);
     let n = lat_us.len();
     format!(
-        "{{\"n\": {n}, \"errors\": {errors}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"max_us\": {:.1}, \"mean_us\": {:.1}, \"rps\": {:.0}}}",
+        "{{\"n\": {n}, \"errors\": {errors}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"p999_us\": {:.1}, \"max_us\": {:.1}, \"mean_us\": {:.1}, \"rps\": {:.0}}}",
         pct(&lat_us, 0.5),
         pct(&lat_us, 0.99),
+        pct(&lat_us, 0.999),
         lat_us.last().copied().unwrap_or(f64::NAN),
         if n > 0 { lat_us.iter().sum::<f64>() / n as f64 } else { f64::NAN },
         if elapsed > 0.0 { n as f64 / elapsed } else { 0.0 }
