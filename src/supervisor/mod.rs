@@ -48,6 +48,7 @@ pub mod logs;
 pub mod readiness;
 pub mod reaper;
 pub mod record;
+mod scan;
 pub mod state;
 pub mod sys;
 
@@ -173,6 +174,8 @@ pub(crate) struct Ctx {
     /// The value of [`OWNER_ENV`] in every child: this supervisor's state directory. With [`ID_ENV`] it marks
     /// our processes, and only ours, for the `/proc` scans (another daemon's have another directory).
     pub owner: String,
+    /// The `/proc` marker scans of every process, walked together.
+    pub(crate) scans: Arc<scan::MarkerScans>,
     rng: Mutex<u64>,
     closing: AtomicBool,
     apply_lock: tokio::sync::Mutex<()>,
@@ -337,6 +340,7 @@ impl Supervisor {
             restart_hook: OnceLock::new(),
             persister: Persister::new(state_path),
             fifo_dir,
+            scans: scan::MarkerScans::new(ID_ENV, OWNER_ENV, owner.clone()),
             owner,
             rng: Mutex::new(seed),
             closing: AtomicBool::new(false),

@@ -1,6 +1,7 @@
 //! Thin wrappers over the Linux process primitives the supervisor needs: `/proc` parsing, process-group
 //! signalling and liveness, and `pidfd_open`. Everything here is synchronous and cheap.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -82,16 +83,6 @@ pub fn environ_has(pid: i32, name: &str, value: &str) -> Option<bool> {
     has_name.then_some(false)
 }
 
-/// The value of `name` in `/proc/<pid>/environ` (`None` when unset or unreadable).
-pub fn environ_get(pid: i32, name: &str) -> Option<String> {
-    let raw = fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let mut prefix = name.as_bytes().to_vec();
-    prefix.push(b'=');
-    raw.split(|b| *b == 0)
-        .find(|e| e.starts_with(&prefix))
-        .map(|e| String::from_utf8_lossy(&e[prefix.len()..]).into_owned())
-}
-
 /// Whether process `pid` carries the supervisor's marker for process `id`: `id_var=id`, and `owner_var`
 /// equal to `owner` when the process has it (processes started before the owner variable existed lack it).
 pub fn carries_marker(pid: i32, id_var: &str, id: &str, owner_var: &str, owner: &str) -> bool {
@@ -115,16 +106,32 @@ fn strip_var<'a>(entry: &'a [u8], name: &str) -> Option<&'a [u8]> {
     rest.strip_prefix(b"=")
 }
 
-/// Live (non-zombie) processes other than this one that carry the marker of `id` (see [`carries_marker`]),
-/// with both variables required. A `/proc` scan: call it off the async runtime (`spawn_blocking`).
-pub fn marked_processes(id_var: &str, id: &str, owner_var: &str, owner: &str) -> Vec<ProcStat> {
+/// Live (non-zombie) processes other than this one that carry `owner_var=owner`, by the value of their
+/// `id_var` (both variables required), in one walk that reads each environment once. A `/proc` scan: call it
+/// off the async runtime (see `scan.rs`).
+pub fn marked_processes_by_id(id_var: &str, owner_var: &str, owner: &str) -> HashMap<String, Vec<ProcStat>> {
     let me = std::process::id() as i32;
-    all_processes()
-        .into_iter()
-        .filter(|p| p.pid != me && p.state != 'Z')
-        .filter(|p| environ_get(p.pid, owner_var).as_deref() == Some(owner))
-        .filter(|p| carries_marker(p.pid, id_var, id, owner_var, owner))
-        .collect()
+    let mut out: HashMap<String, Vec<ProcStat>> = HashMap::new();
+    for p in all_processes() {
+        if p.pid == me || p.state == 'Z' {
+            continue;
+        }
+        let Ok(raw) = fs::read(format!("/proc/{}/environ", p.pid)) else {
+            continue;
+        };
+        let (mut id, mut owner_ok) = (None, false);
+        for entry in raw.split(|b| *b == 0) {
+            if let Some(v) = strip_var(entry, id_var) {
+                id = Some(String::from_utf8_lossy(v).into_owned());
+            } else if let Some(v) = strip_var(entry, owner_var) {
+                owner_ok = v == owner.as_bytes();
+            }
+        }
+        if let (Some(id), true) = (id, owner_ok) {
+            out.entry(id).or_default().push(p);
+        }
+    }
+    out
 }
 
 /// Every process visible in `/proc`.

@@ -155,7 +155,7 @@ pub(crate) struct Actor {
     last_start_time: Option<f64>,
     adopted: bool,
     finished: bool,
-    scan: Option<tokio::task::JoinHandle<Vec<sys::ProcStat>>>,
+    scan: Option<tokio::sync::oneshot::Receiver<Vec<sys::ProcStat>>>,
     scan_for: Option<ScanFor>,
     /// During a stop: the last marker scan found nothing left (reset whenever a scan finds survivors).
     stop_clean: bool,
@@ -231,7 +231,7 @@ async fn pidfd_exited(fd: Option<&AsyncFd<OwnedFd>>) {
     }
 }
 
-async fn poll_scan(scan: &mut Option<tokio::task::JoinHandle<Vec<sys::ProcStat>>>) -> Vec<sys::ProcStat> {
+async fn poll_scan(scan: &mut Option<tokio::sync::oneshot::Receiver<Vec<sys::ProcStat>>>) -> Vec<sys::ProcStat> {
     match scan {
         Some(h) => h.await.unwrap_or_default(),
         None => std::future::pending().await,
@@ -365,11 +365,7 @@ impl Actor {
             }
             return;
         }
-        let id = self.id.clone();
-        let owner = self.ctx.owner.clone();
-        self.scan = Some(tokio::task::spawn_blocking(move || {
-            sys::marked_processes(ID_ENV, &id, OWNER_ENV, &owner)
-        }));
+        self.scan = Some(self.ctx.scans.request(&self.id));
         self.scan_for = Some(purpose);
     }
 
