@@ -425,9 +425,8 @@ impl DealerClient {
 /// itself once the first connection was made; the first connection needs the publisher to be up.
 ///
 /// A SUB socket is silent about a lost publisher (zmq.rs just waits for the reconnection), and whoever
-/// relies on the events to keep something up to date must know that it may have missed some: `recv` also
-/// watches the socket's monitor and fails with [`TransportError::Zmq`] when the publisher disconnects
-/// (after the messages received before that). The caller then drops the subscriber.
+/// relies on the events to keep something up to date must know that it may have missed some:
+/// [`Subscriber::recv_or_lost`] also watches the socket's monitor and fails when the publisher disconnects.
 pub struct Subscriber {
     endpoint: String,
     socket: zeromq::SubSocket,
@@ -454,8 +453,21 @@ impl Subscriber {
         })
     }
 
-    /// The next message, as frames; an error when the publisher has gone (or the socket failed).
+    /// The next message, as frames (a lost publisher is reconnected silently).
     pub async fn recv(&mut self) -> Result<Vec<Bytes>, TransportError> {
+        self.socket
+            .recv()
+            .await
+            .map(ZmqMessage::into_vec)
+            .map_err(|e| TransportError::Zmq {
+                endpoint: self.endpoint.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// The next message, as frames, or [`TransportError::Zmq`] as soon as the publisher disconnects (after
+    /// the messages received before that): the caller should drop the subscriber and connect afresh.
+    pub async fn recv_or_lost(&mut self) -> Result<Vec<Bytes>, TransportError> {
         use futures_util::StreamExt;
         let Subscriber {
             endpoint,

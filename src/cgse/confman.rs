@@ -412,7 +412,7 @@ impl Inner {
                 if let (Some(path), Some(agrees)) = (&self.config.last_setup_id_file, agrees) {
                     if cache.witness_agrees != Some(agrees) {
                         if agrees {
-                            info!(file = %path.display(), "last_setup_id.txt names the Configuration Manager's Setup: answering from the cache while following the Notify Hub");
+                            info!(file = %path.display(), "last_setup_id.txt names the Configuration Manager's Setup: answering from the cache while the Notify Hub is followed");
                         } else {
                             info!(file = %path.display(), setup_id = fetched.as_ref().and_then(|f| f.setup_id.as_deref()).unwrap_or("none"),
                                 "last_setup_id.txt does not name the Configuration Manager's Setup (another CM's file?): asking the CM on every call");
@@ -646,7 +646,7 @@ async fn notify_loop(inner: Weak<Inner>) {
         }
         loop {
             let msg = tokio::select! {
-                m = sub.recv() => m,
+                m = sub.recv_or_lost() => m,
                 // Wake up now and then to notice that the source is gone.
                 _ = tokio::time::sleep(refresh) => {
                     if inner.strong_count() == 0 { return }
