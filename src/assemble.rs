@@ -89,6 +89,8 @@ pub fn confman_config(config: &DaemonConfig) -> Result<ConfmanConfig, ConfigErro
         connect_timeout: i.peer_connect_timeout,
         refresh: i.setup_refresh,
         notify_hub: NotifyHubSettings::from_settings(&config.settings)?,
+        // Where cm_cs's `save_last_setup_id` writes (`get_last_setup_id_file_path`).
+        last_setup_id_file: config.env.data_storage_location().map(|d| d.join("last_setup_id.txt")),
     })
 }
 

@@ -423,15 +423,22 @@ impl DealerClient {
 
 /// A SUB socket subscribed to some topics (the Notify Hub's events). zmq.rs reconnects a SUB socket by
 /// itself once the first connection was made; the first connection needs the publisher to be up.
+///
+/// A SUB socket is silent about a lost publisher (zmq.rs just waits for the reconnection), and whoever
+/// relies on the events to keep something up to date must know that it may have missed some:
+/// [`Subscriber::recv_or_lost`] also watches the socket's monitor and fails when the publisher disconnects.
 pub struct Subscriber {
     endpoint: String,
     socket: zeromq::SubSocket,
+    monitor: std::pin::Pin<Box<dyn futures_util::Stream<Item = zeromq::SocketEvent> + Send>>,
 }
 
 impl Subscriber {
     /// Connect to `endpoint` within `limit` and subscribe to each topic prefix.
     pub async fn connect(endpoint: &str, topics: &[&str], limit: Duration) -> Result<Subscriber, TransportError> {
-        let s = zeromq::SubSocket::with_options(socket_options(limit));
+        let mut s = zeromq::SubSocket::with_options(socket_options(limit));
+        // Before connecting, so that no disconnection can go unseen.
+        let monitor = Box::pin(s.monitor());
         let mut socket = connect_within(s, endpoint, limit, false).await?;
         for t in topics {
             socket.subscribe(t).await.map_err(|e| TransportError::Zmq {
@@ -442,10 +449,11 @@ impl Subscriber {
         Ok(Subscriber {
             endpoint: endpoint.to_owned(),
             socket,
+            monitor,
         })
     }
 
-    /// The next message, as frames.
+    /// The next message, as frames (a lost publisher is reconnected silently).
     pub async fn recv(&mut self) -> Result<Vec<Bytes>, TransportError> {
         self.socket
             .recv()
@@ -455,6 +463,33 @@ impl Subscriber {
                 endpoint: self.endpoint.clone(),
                 reason: e.to_string(),
             })
+    }
+
+    /// The next message, as frames, or [`TransportError::Zmq`] as soon as the publisher disconnects (after
+    /// the messages received before that): the caller should drop the subscriber and connect afresh.
+    pub async fn recv_or_lost(&mut self) -> Result<Vec<Bytes>, TransportError> {
+        use futures_util::StreamExt;
+        let Subscriber {
+            endpoint,
+            socket,
+            monitor,
+        } = self;
+        let lost = |reason: String| TransportError::Zmq {
+            endpoint: endpoint.clone(),
+            reason,
+        };
+        loop {
+            tokio::select! {
+                // Messages first: those received before a disconnection are delivered before it.
+                biased;
+                m = socket.recv() => return m.map(ZmqMessage::into_vec).map_err(|e| lost(e.to_string())),
+                ev = monitor.next() => match ev {
+                    Some(zeromq::SocketEvent::Disconnected(_)) => return Err(lost("the publisher disconnected".into())),
+                    Some(_) => {}
+                    None => return Err(lost("the socket's monitor ended".into())),
+                },
+            }
+        }
     }
 }
 

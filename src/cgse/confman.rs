@@ -4,12 +4,35 @@
 //! method the CM's command table has: an unknown one kills cm_cs). The pickled `egse.setup.Setup` is read
 //! with our codec, which keeps YAML order, and walked by [`crate::setup`].
 //!
-//! [`ConfmanSetup::current`] asks the CM only while the CM is known to answer, so a new Setup loaded in the
-//! CM is seen by the next `get_devices` (as in the original, which asks on every call). Once a request has
-//! failed, calls answer at once from the last good Setup (else the local Setup file, else no Setup) and a
-//! background task retries every `SETUP_REFRESH`; a `new_setup` event from the Notify Hub makes it re-read
-//! at once. A dead CM therefore costs one bounded timeout, not one per call.
+//! # Answering from the cache, never stale
+//!
+//! The original asks the CM on every `get_devices` (a Python round trip, ~1.5 ms). [`ConfmanSetup::current`]
+//! answers from the last fetched Setup instead (a few µs) when three things vouch for it:
+//!
+//! * the Notify Hub subscription to `new_setup` is connected ("following"; not with publisher port 0, not
+//!   while the hub is down or after the connection was lost: an event may have been missed);
+//! * no `new_setup` event, (re)connection or loss of the subscription came since the fetch *began* (each
+//!   starts a new epoch; the event also starts a re-read in the background);
+//! * cm_cs's `<data storage location>/last_setup_id.txt` is exactly as it was when the fetch began (device,
+//!   inode, size, times, contents) and names the cached Setup's `_setup_id`.
+//!
+//! Otherwise the call asks the CM, as before. The file is what closes the race of a client that calls the
+//! CM's `load_setup` and asks us at once: cm_cs (`ConfigurationManagerController.load_setup`) sets its Setup,
+//! rewrites the file, then pushes the event to the hub on a *new* PUSH connection and replies; the event
+//! reaches a subscriber 0.2–9 ms (median ~3 ms) *after* the reply (measured with the real services:
+//! `tests/python/test_integrations.py::test_get_devices_right_after_load_setup_is_the_new_setup`), so the
+//! event alone would leave that window stale every time, while the file is rewritten before the reply.
+//! What remains: a reload of the *same* Setup id (its YAML edited in between) within one tick of the
+//! kernel's coarse file clock after our fetch began looks like no change until its event arrives; and a CM
+//! restarted on an edited YAML of the same id publishes nothing. When the CM runs on another host (the
+//! file is not its file) the file does not name its Setup and every call asks the CM.
+//!
+//! Once a request has failed, calls answer at once from the last good Setup (else the local Setup file,
+//! else no Setup) and a background task retries every `SETUP_REFRESH`. A dead CM therefore costs one
+//! bounded timeout, not one per call. Every change of mode is logged (info).
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,6 +44,10 @@ use crate::codec::Value;
 use crate::config::{NotifyHubSettings, PeerSettings, RegistrySettings};
 use crate::setup::{LocalSetup, Node, SetupError, SetupFuture, SetupSource};
 use crate::transport::{self, Subscriber};
+
+/// Retry period of the Notify Hub subscription (at most; `refresh` when shorter): while it is down every
+/// call asks the CM, so it is worth being back soon, and a refused local connection costs nothing.
+const RESUBSCRIBE: Duration = Duration::from_secs(1);
 
 /// The CM's reply when it has no Setup (that is an answer, not an error: the tables are empty).
 const NO_SETUP: &str = "No Setup was loaded";
@@ -128,6 +155,84 @@ pub struct ConfmanConfig {
     pub refresh: Duration,
     /// Subscribe to `new_setup` events here (port 0: no subscription).
     pub notify_hub: NotifyHubSettings,
+    /// cm_cs's `<data storage location>/last_setup_id.txt`, which it rewrites on every load *before* it
+    /// replies (the `new_setup` event comes 0.2 to 9 ms *after* the reply): the cache is used only while this
+    /// file is unchanged since the fetch and names the cached Setup. `None`: no cache, ask on every call.
+    pub last_setup_id_file: Option<PathBuf>,
+}
+
+/// What cm_cs's `last_setup_id.txt` looked like: any difference means a Setup was loaded since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    content: Vec<u8>,
+}
+
+impl Stamp {
+    /// The file now; `None` when it cannot be read (then nothing vouches for the cache).
+    fn read(path: &Path) -> Option<Stamp> {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let mut f = std::fs::File::open(path).ok()?;
+        let m = f.metadata().ok()?;
+        let mut content = Vec::with_capacity(16);
+        // A Setup id is a few digits; more than that is not cm_cs's file.
+        (&mut f).take(64).read_to_end(&mut content).ok()?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            content,
+        })
+    }
+
+    /// The Setup id the file names.
+    fn setup_id(&self) -> Option<u64> {
+        std::str::from_utf8(&self.content).ok()?.trim().parse().ok()
+    }
+}
+
+/// The circumstances of one `get_setup`, taken before it was sent.
+#[derive(Debug, Clone)]
+struct Attempt {
+    /// [`Inner::epoch`] then.
+    epoch: u64,
+    /// The witness file then.
+    stamp: Option<Stamp>,
+}
+
+/// When the last `get_setup` began and ended, and whether it gave a Setup.
+#[derive(Debug, Clone, Copy)]
+struct LastAttempt {
+    started: Instant,
+    finished: Instant,
+    ok: bool,
+}
+
+impl LastAttempt {
+    /// Whether a caller that asked at `asked` may take this attempt's outcome as its own: a failure that
+    /// ended after it asked (the CM is as unreachable for it: one timeout, not one per waiting caller), or
+    /// an answer to a request sent after it asked (an earlier one may predate a load the caller knows of).
+    fn serves(&self, asked: Instant) -> bool {
+        self.finished >= asked && (!self.ok || self.started >= asked)
+    }
+}
+
+/// The last good Setup and how it was obtained.
+#[derive(Default)]
+struct Cached {
+    /// The last good Setup, or `None` when the CM said it has none.
+    setup: Option<FetchedSetup>,
+    /// The attempt that gave `setup` (`None` once an attempt failed).
+    from: Option<Attempt>,
+    /// Whether the witness file named the fetched Setup (logged when it changes).
+    witness_agrees: Option<bool>,
 }
 
 /// What we know about the CM.
@@ -141,13 +246,18 @@ enum CmState {
 struct Inner {
     config: ConfmanConfig,
     local: LocalSetup,
-    /// One request at a time; `Instant` = when the last attempt finished (callers that waited for it
-    /// reuse its outcome instead of asking again).
-    client: tokio::sync::Mutex<(Option<ControlClient>, Option<Instant>)>,
-    /// The last good Setup, or `None` when the CM said it has none.
-    cache: Mutex<Option<FetchedSetup>>,
+    /// One request at a time, and the last attempt (callers that waited for it may reuse its outcome).
+    client: tokio::sync::Mutex<(Option<ControlClient>, Option<LastAttempt>)>,
+    cache: Mutex<Cached>,
     state: Mutex<CmState>,
     refresh_now: Notify,
+    /// True while the Notify Hub subscription is connected: only then may the cache answer.
+    following: AtomicBool,
+    /// Bumped by every `new_setup` event and every change of the subscription: a Setup fetched in an
+    /// earlier epoch may predate a load, so it is not used until re-read.
+    epoch: AtomicU64,
+    /// `new_setup` events received.
+    events: AtomicU64,
 }
 
 /// A [`SetupSource`] backed by the Configuration Manager.
@@ -162,20 +272,38 @@ impl ConfmanSetup {
             config,
             local,
             client: tokio::sync::Mutex::new((None, None)),
-            cache: Mutex::new(None),
+            cache: Mutex::new(Cached::default()),
             state: Mutex::new(CmState::Unknown),
             refresh_now: Notify::new(),
+            following: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            events: AtomicU64::new(0),
         });
         tokio::spawn(refresh_loop(Arc::downgrade(&inner)));
-        if inner.config.notify_hub.publisher_port != 0 {
+        if inner.config.notify_hub.publisher_port == 0 {
+            info!("no Notify Hub configured (publisher port 0): asking the Configuration Manager on every call");
+        } else {
             tokio::spawn(notify_loop(Arc::downgrade(&inner)));
+        }
+        if inner.config.last_setup_id_file.is_none() {
+            info!("no data storage location, so no last_setup_id.txt to check a cached Setup against: asking the Configuration Manager on every call");
         }
         ConfmanSetup { inner }
     }
 
     /// The last Setup the CM gave, if any.
     pub fn cached(&self) -> Option<FetchedSetup> {
-        lock(&self.inner.cache).clone()
+        lock(&self.inner.cache).setup.clone()
+    }
+
+    /// True while the Notify Hub's `new_setup` events are followed (the subscription is connected).
+    pub fn is_following(&self) -> bool {
+        self.inner.following.load(Ordering::SeqCst)
+    }
+
+    /// How many `new_setup` events were received.
+    pub fn events_seen(&self) -> u64 {
+        self.inner.events.load(Ordering::SeqCst)
     }
 
     /// True while the CM answers.
@@ -223,20 +351,31 @@ impl Inner {
     /// One `get_setup`, unless an attempt finished after `asked` (then its outcome is reused).
     async fn fetch(&self, asked: Instant) -> Result<Option<FetchedSetup>, ConfmanError> {
         let mut guard = self.client.lock().await;
-        if let Some(done) = guard.1 {
-            // An attempt finished while we waited for it: its outcome is as fresh as ours would be.
-            if done >= asked {
+        if let Some(last) = guard.1 {
+            if last.serves(asked) {
                 return match &*lock(&self.state) {
-                    CmState::Up => Ok(lock(&self.cache).clone()),
+                    CmState::Up => Ok(lock(&self.cache).setup.clone()),
                     CmState::Down { error, .. } => Err(ConfmanError::Discovery(error.clone())),
                     CmState::Unknown => Err(ConfmanError::Discovery("not asked yet".into())),
                 };
             }
         }
+        // Taken before asking: a load after this point changes one or the other, and the result is not
+        // trusted beyond this call.
+        let started = Instant::now();
+        let attempt = Attempt {
+            epoch: self.epoch.load(Ordering::SeqCst),
+            stamp: self.config.last_setup_id_file.as_deref().and_then(Stamp::read),
+        };
         let result = self.fetch_once(&mut guard.0).await;
-        guard.1 = Some(Instant::now());
+        guard.1 = Some(LastAttempt {
+            started,
+            finished: Instant::now(),
+            ok: result.is_ok(),
+        });
+        // Recorded before the next attempt may begin, so that an older outcome never overwrites a newer.
+        self.record(&result, attempt);
         drop(guard);
-        self.record(&result);
         result
     }
 
@@ -261,12 +400,27 @@ impl Inner {
     }
 
     /// Update cache and state from an attempt, logging every change of state.
-    fn record(&self, result: &Result<Option<FetchedSetup>, ConfmanError>) {
+    fn record(&self, result: &Result<Option<FetchedSetup>, ConfmanError>, attempt: Attempt) {
         let mut state = lock(&self.state);
+        if result.is_err() {
+            lock(&self.cache).from = None;
+        }
         match result {
             Ok(fetched) => {
                 let mut cache = lock(&self.cache);
-                let old_id = cache.as_ref().map(|c| c.setup_id.clone());
+                let agrees = witness_names(attempt.stamp.as_ref(), fetched.as_ref());
+                if let (Some(path), Some(agrees)) = (&self.config.last_setup_id_file, agrees) {
+                    if cache.witness_agrees != Some(agrees) {
+                        if agrees {
+                            info!(file = %path.display(), "last_setup_id.txt names the Configuration Manager's Setup: answering from the cache while the Notify Hub is followed");
+                        } else {
+                            info!(file = %path.display(), setup_id = fetched.as_ref().and_then(|f| f.setup_id.as_deref()).unwrap_or("none"),
+                                "last_setup_id.txt does not name the Configuration Manager's Setup (another CM's file?): asking the CM on every call");
+                        }
+                        cache.witness_agrees = Some(agrees);
+                    }
+                }
+                let old_id = cache.setup.as_ref().map(|c| c.setup_id.clone());
                 let new_id = fetched.as_ref().map(|c| c.setup_id.clone());
                 if *state != CmState::Up || old_id != new_id {
                     match fetched {
@@ -278,7 +432,8 @@ impl Inner {
                         None => info!("the Configuration Manager has no Setup loaded: the device tables are empty"),
                     }
                 }
-                *cache = fetched.clone();
+                cache.setup = fetched.clone();
+                cache.from = Some(attempt);
                 *state = CmState::Up;
             }
             Err(e) if e.is_unreachable() => {
@@ -299,7 +454,7 @@ impl Inner {
     }
 
     fn fallback_text(&self) -> String {
-        match lock(&self.cache).as_ref() {
+        match lock(&self.cache).setup.as_ref() {
             Some(f) => format!(
                 "the cached Setup {} from the Configuration Manager",
                 f.setup_id.as_deref().unwrap_or("(no id)")
@@ -313,13 +468,38 @@ impl Inner {
 
     /// The cache, else the local Setup.
     fn fallback(&self) -> Option<Arc<Node>> {
-        if let Some(f) = lock(&self.cache).as_ref() {
+        if let Some(f) = lock(&self.cache).setup.as_ref() {
             return Some(f.node.clone());
         }
         self.local.load()
     }
 
+    /// The cached Setup, if it is certainly the CM's current one: the subscription is connected, no event
+    /// came since the fetch began, and `last_setup_id.txt` is as it was then and names that Setup.
+    fn coherent(&self) -> Option<Arc<Node>> {
+        let path = self.config.last_setup_id_file.as_deref()?;
+        if !self.following.load(Ordering::SeqCst) || *lock(&self.state) != CmState::Up {
+            return None;
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        // Read after the epoch: a load that rewrote the file before this point is seen here.
+        let now = Stamp::read(path)?;
+        let cache = lock(&self.cache);
+        let from = cache.from.as_ref()?;
+        if from.epoch != epoch || from.stamp.as_ref() != Some(&now) {
+            return None;
+        }
+        let setup = cache.setup.as_ref()?;
+        if witness_names(Some(&now), Some(setup)) != Some(true) {
+            return None;
+        }
+        Some(setup.node.clone())
+    }
+
     async fn current(&self) -> Option<Arc<Node>> {
+        if let Some(node) = self.coherent() {
+            return Some(node);
+        }
         let state = lock(&self.state).clone();
         match state {
             CmState::Up | CmState::Unknown => match self.fetch(Instant::now()).await {
@@ -351,10 +531,15 @@ impl Inner {
                 "Configuration Manager {ep} (not asked yet); fallback {}",
                 self.fallback_text()
             ),
-            CmState::Up => match lock(&self.cache).as_ref() {
+            CmState::Up => match lock(&self.cache).setup.as_ref() {
                 Some(f) => format!(
-                    "Configuration Manager {ep}: Setup {}",
-                    f.setup_id.as_deref().unwrap_or("(no id)")
+                    "Configuration Manager {ep}: Setup {}{}",
+                    f.setup_id.as_deref().unwrap_or("(no id)"),
+                    if self.following.load(Ordering::SeqCst) {
+                        ", following new_setup events"
+                    } else {
+                        ""
+                    }
                 ),
                 None => format!("Configuration Manager {ep}: no Setup loaded"),
             },
@@ -402,15 +587,34 @@ async fn refresh_loop(inner: Weak<Inner>) {
     }
 }
 
+/// Whether the witness file names `setup` (`None`: nothing to compare, e.g. no file or no Setup).
+fn witness_names(stamp: Option<&Stamp>, setup: Option<&FetchedSetup>) -> Option<bool> {
+    let file_id = stamp?.setup_id()?;
+    let setup_id = setup?.setup_id.as_deref()?.trim().parse::<u64>().ok()?;
+    Some(file_id == setup_id)
+}
+
+/// Re-read the Setup now, without holding up the caller (the subscription must keep being read).
+fn refetch(inner: &Arc<Inner>) {
+    let i = inner.clone();
+    tokio::spawn(async move {
+        let _ = i.fetch(Instant::now()).await;
+    });
+}
+
 /// Follow the Notify Hub's `new_setup` events (cm_cs publishes one for every Setup it loads).
+///
+/// Every event, connection and disconnection starts a new epoch, so that a Setup fetched before it is not
+/// answered from the cache; while the subscription is down the cache is not used at all (an event may be
+/// missed), and calls ask the CM as they did without a Notify Hub.
 async fn notify_loop(inner: Weak<Inner>) {
     let (endpoint, refresh) = {
         let Some(i) = inner.upgrade() else { return };
         let nh = &i.config.notify_hub;
         match transport::client_endpoint_async("tcp", &nh.hostname, nh.publisher_port).await {
-            Ok(e) => (e, i.config.refresh),
+            Ok(e) => (e, i.config.refresh.min(RESUBSCRIBE)),
             Err(e) => {
-                warn!(error = %e, "not following the Notify Hub");
+                warn!(error = %e, "not following the Notify Hub: asking the Configuration Manager on every call");
                 return;
             }
         }
@@ -421,40 +625,51 @@ async fn notify_loop(inner: Weak<Inner>) {
             return;
         }
         let mut sub = match Subscriber::connect(&endpoint, &["new_setup"], Duration::from_secs(1)).await {
-            Ok(s) => {
-                info!(endpoint = %endpoint, "following new_setup events of the Notify Hub");
-                s
-            }
+            Ok(s) => s,
             Err(e) => {
                 if !logged {
-                    debug!(error = %e, "Notify Hub not reachable; polling the Configuration Manager only");
+                    info!(error = %e, "Notify Hub not reachable: asking the Configuration Manager on every call until it is");
                     logged = true;
                 }
                 tokio::time::sleep(refresh).await;
                 continue;
             }
         };
+        {
+            let Some(i) = inner.upgrade() else { return };
+            // Whatever was loaded before the subscription took effect is in the Setup fetched from now on.
+            i.epoch.fetch_add(1, Ordering::SeqCst);
+            i.following.store(true, Ordering::SeqCst);
+            info!(endpoint = %endpoint, "following new_setup events of the Notify Hub");
+            logged = false;
+            refetch(&i);
+        }
         loop {
             let msg = tokio::select! {
-                m = sub.recv() => m,
+                m = sub.recv_or_lost() => m,
                 // Wake up now and then to notice that the source is gone.
                 _ = tokio::time::sleep(refresh) => {
                     if inner.strong_count() == 0 { return }
                     continue;
                 }
             };
+            let Some(i) = inner.upgrade() else { return };
             match msg {
                 Ok(frames) => {
-                    let Some(i) = inner.upgrade() else { return };
+                    // First of all: from now on the cached Setup is not answered until re-read.
+                    i.epoch.fetch_add(1, Ordering::SeqCst);
+                    i.events.fetch_add(1, Ordering::SeqCst);
                     let body = frames.get(1).map(|b| String::from_utf8_lossy(b).into_owned());
                     info!(
                         event = body.as_deref().unwrap_or(""),
                         "new Setup announced by the Notify Hub"
                     );
-                    i.refresh_now.notify_one();
+                    refetch(&i);
                 }
                 Err(e) => {
-                    debug!(error = %e, "Notify Hub subscription lost; reconnecting");
+                    i.following.store(false, Ordering::SeqCst);
+                    i.epoch.fetch_add(1, Ordering::SeqCst);
+                    info!(error = %e, "Notify Hub subscription lost: asking the Configuration Manager on every call until it is back");
                     break;
                 }
             }
@@ -471,7 +686,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU8, Ordering};
 
-    use crate::cgse::testing::{free_port, ScriptedServer};
+    use crate::cgse::testing::{free_port, wait_until, ScriptedServer};
     use crate::codec::{Object, ObjectKind};
 
     /// A pickled `egse.setup.Setup` as cm_cs sends it: items first, `_setup_id` in the BUILD state.
@@ -501,13 +716,20 @@ mod tests {
         }))
     }
 
-    /// 0: setup A, 1: setup B, 2: "No Setup was loaded".
+    /// 0: setup A, 1: setup B, 2: "No Setup was loaded", 3: setup A with other devices (its YAML edited).
     async fn fake_cm(port: u16, which: Arc<AtomicU8>) -> ScriptedServer {
-        ScriptedServer::start(port, move |req| {
+        let gate = Arc::new(tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS));
+        gated_fake_cm(port, which, gate).await
+    }
+
+    /// [`fake_cm`] answering only as `gate` allows.
+    async fn gated_fake_cm(port: u16, which: Arc<AtomicU8>, gate: Arc<tokio::sync::Semaphore>) -> ScriptedServer {
+        ScriptedServer::start_gated(port, gate, move |req| {
             assert_eq!(req, &get_setup_request());
             Some(match which.load(Ordering::SeqCst) {
                 0 => setup_value("00001", &[("a", "Device A")]),
                 1 => setup_value("00002", &[("b", "Device B"), ("c", "Device C")]),
+                3 => setup_value("00001", &[("z", "Device Z")]),
                 _ => crate::protocol::failure("No Setup was loaded on the Configuration Manager."),
             })
         })
@@ -515,6 +737,18 @@ mod tests {
     }
 
     fn source(port: u16, local_file: Option<std::path::PathBuf>) -> ConfmanSetup {
+        following_source(port, local_file, 0, None, Duration::from_millis(200))
+    }
+
+    /// With a Notify Hub publishing on `hub_port` (0: none), cm_cs's `last_setup_id.txt` at `witness`, and
+    /// background re-reads every `refresh`.
+    fn following_source(
+        port: u16,
+        local_file: Option<std::path::PathBuf>,
+        hub_port: u16,
+        witness: Option<PathBuf>,
+        refresh: Duration,
+    ) -> ConfmanSetup {
         let config = ConfmanConfig {
             cm: PeerSettings {
                 service_type: "CM_CS".into(),
@@ -525,11 +759,12 @@ mod tests {
             registry_timeout: Duration::from_millis(200),
             timeout: Duration::from_millis(300),
             connect_timeout: Duration::from_millis(200),
-            refresh: Duration::from_millis(200),
+            refresh,
             notify_hub: NotifyHubSettings {
                 hostname: "127.0.0.1".into(),
-                publisher_port: 0,
+                publisher_port: hub_port,
             },
+            last_setup_id_file: witness,
         };
         ConfmanSetup::start(config, LocalSetup::new(local_file, None, None, "LAB42".into()))
     }
@@ -577,6 +812,186 @@ mod tests {
         assert!(s.current().await.is_none());
         assert!(s.describe().contains("no Setup loaded"), "{}", s.describe());
         drop(cm);
+    }
+
+    /// A fake Notify Hub: the PUB side of the hub, publishing what cm_cs's event becomes (topic, JSON).
+    struct FakeHub {
+        socket: transport::PubSocket,
+    }
+
+    impl FakeHub {
+        async fn bind(port: u16) -> FakeHub {
+            let (socket, _) = transport::bind_pub("tcp", "127.0.0.1", port, "fake hub")
+                .await
+                .expect("bind the fake hub");
+            FakeHub { socket }
+        }
+
+        /// Publish `new_setup` until `s` has received one more event (a PUB drops what it publishes before
+        /// the subscription has reached it), within a bound.
+        async fn announce(&mut self, s: &ConfmanSetup, setup_id: u32) {
+            use zeromq::SocketSend;
+            let before = s.events_seen();
+            let body = format!(
+                r#"{{"event_type": "new_setup", "source_service": "cm_cs", "data": {{"setup_id": {setup_id}}}, "timestamp": 1795691622.641114, "correlation_id": "498d0c60-7843-4b06-ae9e-3a8ce999a6d6"}}"#
+            );
+            let end = Instant::now() + Duration::from_secs(5);
+            while s.events_seen() == before && Instant::now() < end {
+                let frames = vec![
+                    bytes::Bytes::from_static(b"new_setup"),
+                    bytes::Bytes::from(body.clone()),
+                ];
+                let msg = transport::message(frames).expect("two frames");
+                self.socket.send(msg).await.expect("publish");
+                wait_until(Duration::from_millis(200), || s.events_seen() > before).await;
+            }
+            assert!(s.events_seen() > before, "the event did not arrive");
+        }
+    }
+
+    /// `current()` until it answers without asking the CM (the background re-read has landed), bounded.
+    async fn settled(s: &ConfmanSetup, cm: &ScriptedServer) -> Vec<String> {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let before = cm.seen().len();
+            let got = names(s.current().await);
+            if cm.seen().len() == before || Instant::now() > end {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn following_the_notify_hub_answers_from_the_cache_and_never_stale() {
+        let dir = std::env::temp_dir().join(format!("procman-cm-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let witness = dir.join("last_setup_id.txt");
+        // cm_cs rewrites the file on every load; the tests set its mtime apart each time, as the clock does
+        // between loads (the kernel's file times are coarse: two writes in one tick look alike).
+        let mut mtime = 0;
+        let mut save_last_setup_id = |id: &str| {
+            std::fs::write(&witness, id).unwrap();
+            mtime += 1;
+            let f = std::fs::File::options().write(true).open(&witness).unwrap();
+            f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime))
+                .unwrap();
+        };
+        save_last_setup_id("1");
+        let port = free_port();
+        let which = Arc::new(AtomicU8::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS / 2));
+        let cm = gated_fake_cm(port, which.clone(), gate.clone()).await;
+        let hub_port = free_port();
+        let mut hub = FakeHub::bind(hub_port).await;
+        // No background re-read during the test: every request the fake CM counts is one a call (or an
+        // event) caused.
+        let s = following_source(port, None, hub_port, Some(witness.clone()), Duration::from_secs(600));
+        wait_until(Duration::from_secs(5), || s.is_following()).await;
+        assert!(s.is_following());
+
+        // (a) While following, calls answer from the cache: the CM is not asked.
+        assert_eq!(settled(&s, &cm).await, ["Device A"]);
+        let asked = cm.seen().len();
+        for _ in 0..50 {
+            assert_eq!(names(s.current().await), ["Device A"]);
+        }
+        assert_eq!(cm.seen().len(), asked, "the CM was asked while following");
+        assert!(s.describe().contains("following new_setup events"), "{}", s.describe());
+
+        // (b) The same Setup id loaded again with other contents, last_setup_id.txt untouched: the event
+        // alone makes the next answer the new Setup, never the old one. The CM is held back so that the
+        // re-read the event starts cannot have landed when the call is made: the call must wait for it.
+        gate.forget_permits(usize::MAX);
+        which.store(3, Ordering::SeqCst);
+        let asked = cm.seen().len();
+        hub.announce(&s, 1).await;
+        wait_until(Duration::from_secs(5), || cm.seen().len() > asked).await;
+        let call = {
+            let s = ConfmanSetup { inner: s.inner.clone() };
+            tokio::spawn(async move { names(s.current().await) })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+        assert_eq!(call.await.unwrap(), ["Device Z"]);
+        assert_eq!(settled(&s, &cm).await, ["Device Z"]);
+
+        // A call that finds a request under way does not take its answer if it was sent before the call:
+        // the CM may have answered it before a load that the caller knows of.
+        let spawn_call = || {
+            let s = ConfmanSetup { inner: s.inner.clone() };
+            tokio::spawn(async move { names(s.current().await) })
+        };
+        gate.forget_permits(usize::MAX);
+        let asked = cm.seen().len();
+        save_last_setup_id("1");
+        let early = spawn_call();
+        wait_until(Duration::from_secs(5), || cm.seen().len() > asked).await;
+        which.store(0, Ordering::SeqCst);
+        save_last_setup_id("1");
+        let late = spawn_call();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+        assert_eq!(early.await.unwrap(), ["Device Z"]);
+        assert_eq!(late.await.unwrap(), ["Device A"]);
+
+        // The race of a client that calls load_setup and asks at once: cm_cs has rewritten
+        // last_setup_id.txt before replying, but its event is still on the way. The file alone suffices,
+        // whether it names another Setup or the same one (reloaded: only its times change).
+        which.store(1, Ordering::SeqCst);
+        save_last_setup_id("2");
+        assert_eq!(names(s.current().await), ["Device B", "Device C"]);
+        hub.announce(&s, 2).await;
+        assert_eq!(settled(&s, &cm).await, ["Device B", "Device C"]);
+        which.store(0, Ordering::SeqCst);
+        save_last_setup_id("1");
+        assert_eq!(settled(&s, &cm).await, ["Device A"]);
+        which.store(3, Ordering::SeqCst);
+        save_last_setup_id("1");
+        assert_eq!(names(s.current().await), ["Device Z"]);
+        assert_eq!(settled(&s, &cm).await, ["Device Z"]);
+        which.store(1, Ordering::SeqCst);
+        save_last_setup_id("2");
+        assert_eq!(settled(&s, &cm).await, ["Device B", "Device C"]);
+
+        // A file that does not name the CM's Setup (another CM's?) vouches for nothing: ask on every call.
+        save_last_setup_id("7");
+        let asked = cm.seen().len();
+        for _ in 0..3 {
+            assert_eq!(names(s.current().await), ["Device B", "Device C"]);
+        }
+        assert_eq!(cm.seen().len(), asked + 3);
+        save_last_setup_id("2");
+        assert_eq!(settled(&s, &cm).await, ["Device B", "Device C"]);
+
+        // (c) The subscription is lost: an event may be missed, so every call asks the CM again.
+        drop(hub);
+        wait_until(Duration::from_secs(5), || !s.is_following()).await;
+        assert!(!s.is_following());
+        let asked = cm.seen().len();
+        for i in 0..3 {
+            assert_eq!(names(s.current().await), ["Device B", "Device C"]);
+            assert_eq!(cm.seen().len(), asked + i + 1);
+        }
+        // Nothing vouches for a change now but the CM itself.
+        which.store(3, Ordering::SeqCst);
+        assert_eq!(names(s.current().await), ["Device Z"]);
+
+        // The hub is back: following again, from a Setup fetched after the subscription was made.
+        let _hub = FakeHub::bind(hub_port).await;
+        wait_until(Duration::from_secs(10), || s.is_following()).await;
+        assert!(s.is_following());
+        save_last_setup_id("1");
+        assert_eq!(settled(&s, &cm).await, ["Device Z"]);
+        let asked = cm.seen().len();
+        assert_eq!(names(s.current().await), ["Device Z"]);
+        assert_eq!(cm.seen().len(), asked);
+        drop(cm);
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[tokio::test]

@@ -115,7 +115,22 @@ pub struct ScriptedServer {
 impl ScriptedServer {
     /// Bind on `port` (0 = a free one) and serve until dropped.
     pub async fn start(port: u16, script: impl Fn(&Value) -> Option<Value> + Send + Sync + 'static) -> ScriptedServer {
-        let script: Script = Arc::new(script);
+        ScriptedServer::serve(port, None, Arc::new(script)).await
+    }
+
+    /// [`ScriptedServer::start`], but every reply waits for a permit of `gate` (a server that answers when
+    /// the test says so: what a client does in the meantime can be checked without timing it). The
+    /// request is recorded and the script run at once (the reply is what the server would have said on
+    /// receipt); requests are answered in order.
+    pub async fn start_gated(
+        port: u16,
+        gate: Arc<tokio::sync::Semaphore>,
+        script: impl Fn(&Value) -> Option<Value> + Send + Sync + 'static,
+    ) -> ScriptedServer {
+        ScriptedServer::serve(port, Some(gate), Arc::new(script)).await
+    }
+
+    async fn serve(port: u16, gate: Option<Arc<tokio::sync::Semaphore>>, script: Script) -> ScriptedServer {
         let (mut router, port) = transport::bind_router("tcp", "127.0.0.1", port, "scripted")
             .await
             .expect("bind the scripted server");
@@ -127,7 +142,14 @@ impl ScriptedServer {
                 let Some(last) = frames.pop() else { continue };
                 let request = codec::decode(&last, &Limits::default()).expect("a request we can decode");
                 log.lock().expect("seen").push(request.clone());
-                if let Some(reply) = script(&request) {
+                let reply = script(&request);
+                if let Some(gate) = &gate {
+                    match gate.acquire().await {
+                        Ok(permit) => permit.forget(),
+                        Err(_) => return,
+                    }
+                }
+                if let Some(reply) = reply {
                     frames.push(Bytes::from(codec::encode(&reply)));
                     if let Ok(msg) = ZmqMessage::try_from(frames) {
                         let _ = router.send(msg).await;

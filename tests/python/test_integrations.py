@@ -335,8 +335,106 @@ def test_device_lists_equal_the_original_pm(tmp_path: Path) -> None:
             print(f"\n[figure] get_devices with the CM down (from the cache): {slow * 1000:.2f} ms per call")
             assert slow < 0.1, "a dead CM must not cost every call a timeout"
             assert time.monotonic() - t0 < 20
-            assert "Configuration Manager unreachable" in ours.log_text()
+            # While the Notify Hub is followed and last_setup_id.txt is unchanged the calls above may all have
+            # come from the cache without asking the CM; the background re-read (SETUP_REFRESH) notices it.
+            wait_for(lambda: "Configuration Manager unreachable" in ours.log_text(), 20, "the CM noticed down")
             assert "cached Setup 00001" in ours.log_text()
+
+
+LOAD_THEN_ASK = """\
+import pickle, statistics, time
+import zmq
+from egse.command import CommandExecution
+from egse.confman import ConfigurationManagerProxy
+from egse.notifyhub import DEFAULT_PUBLISHER_PORT
+ctx = zmq.Context.instance()
+sub = ctx.socket(zmq.SUB)
+sub.setsockopt(zmq.LINGER, 0)
+sub.connect(f"tcp://127.0.0.1:{DEFAULT_PUBLISHER_PORT}")
+sub.setsockopt(zmq.SUBSCRIBE, b"new_setup")
+# get_devices as the original clients send it (pickled CommandExecution of the announced command) on a REQ socket.
+req = ctx.socket(zmq.REQ)
+req.setsockopt(zmq.LINGER, 0)
+req.connect(f"tcp://127.0.0.1:{PM_PORT}")
+def ask(msg):
+    req.send(msg)
+    assert req.poll(5000), "no reply within 5 s"
+    return pickle.loads(req.recv())
+get_devices = pickle.dumps(CommandExecution(ask(pickle.dumps("send_commands"))["get_devices"]))
+def p50(n):
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        ask(get_devices)
+        lat.append(time.perf_counter() - t0)
+    return statistics.median(lat)
+time.sleep(0.5)  # the SUB's subscription reaches the hub
+out = {"rounds": [], "p50_before": p50(300)}
+with ConfigurationManagerProxy() as cm:
+    for k in [1, 2] * ROUNDS:
+        t0 = time.perf_counter()
+        cm.load_setup(k)
+        t1 = time.perf_counter()
+        devices = sorted(ask(get_devices))
+        t2 = time.perf_counter()
+        # When the event reached a subscriber of our own (relative to the load_setup reply).
+        event = None
+        if sub.poll(EVENT_WAIT_MS):
+            topic, body = sub.recv_multipart()
+            event = time.perf_counter()
+            while sub.poll(0):
+                sub.recv_multipart()
+        out["rounds"].append({"id": k, "devices": devices, "load_ms": (t1 - t0) * 1e3, "ask_ms": (t2 - t1) * 1e3,
+                              "event_after_reply_ms": None if event is None else (event - t1) * 1e3})
+out["p50_after"] = p50(300)
+emit(out)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_get_devices_right_after_load_setup_is_the_new_setup(tmp_path: Path) -> None:
+    """A client loads a Setup through the real CM and asks our get_devices at once (same process, no pause): the
+    answer is the new Setup, every time. Also measures when cm_cs's ``new_setup`` event reaches a subscriber,
+    relative to the ``load_setup`` reply, and our ``get_devices`` latency with the CM and Notify Hub up."""
+    setups = {0: refenv.zero_setup_yaml(), 1: refenv.example_setup_yaml(), 2: RICH_SETUP}
+    expected = {
+        1: ["AEU PSU1", "AEU cRIO", "Dummy Device", "PUNA Hexapod"],
+        2: ["Counter", "Deep PSU", "Dummy Device", "Thermometer without id"],
+    }
+    with CgseEnv(tmp_path / "site", setups=setups, setup_id=2) as site:
+        site.start_core(("registry", "nh", "sm", "cm"))
+        with ours_in(site) as ours:
+            ours.start()
+            wait_for(lambda: "following new_setup events" in ours.log_text(), 10, "our Notify Hub subscription")
+            code = LOAD_THEN_ASK.replace("PM_PORT", str(site.ports.pm_cmd))
+            out = site.run_json(code.replace("ROUNDS", "10").replace("EVENT_WAIT_MS", "2000"), timeout=120)
+            rounds = out["rounds"]
+            for r in rounds:
+                assert r["devices"] == expected[r["id"]], r
+            # The answers between the loads came from the cache (the log says when it may be used).
+            assert "names the Configuration Manager's Setup: answering from the cache" in ours.log_text()
+            assert "new Setup announced by the Notify Hub" in ours.log_text()
+
+            # The Notify Hub goes away: nothing would announce a load, so every call asks the CM again.
+            site.get("nh").stop()
+            wait_for(lambda: "Notify Hub subscription lost" in ours.log_text(), 10, "the subscription lost")
+            without_hub = site.run_json(code.replace("ROUNDS", "2").replace("EVENT_WAIT_MS", "0"), timeout=120)
+            for r in without_hub["rounds"]:
+                assert r["devices"] == expected[r["id"]], r
+            print(
+                f"[figure] get_devices p50 with the Notify Hub down (asks the CM): "
+                f"{without_hub['p50_after'] * 1e3:.3f} ms"
+            )
+            after = sorted(r["event_after_reply_ms"] for r in rounds if r["event_after_reply_ms"] is not None)
+            ask = sorted(r["ask_ms"] for r in rounds)
+            print(
+                f"\n[figure] new_setup event after the load_setup reply: median {statistics.median(after):.2f} ms, "
+                f"min {after[0]:.2f}, max {after[-1]:.2f} ({len(after)}/{len(rounds)} events seen)"
+                f"\n[figure] get_devices right after load_setup: median {statistics.median(ask):.3f} ms, "
+                f"max {ask[-1]:.3f}"
+                f"\n[figure] get_devices p50 (REQ, CM and Notify Hub up): {out['p50_before'] * 1e3:.3f} ms before the "
+                f"loads, {out['p50_after'] * 1e3:.3f} ms after"
+            )
 
 
 # ------------------------------------------------------------------------------------------------------------------
