@@ -319,12 +319,12 @@ impl ConfmanSetup {
 
 impl Inner {
     /// The configured endpoint as written in the settings (for display: no name lookup).
-    fn endpoint(&self) -> Result<String, String> {
+    fn endpoint(&self) -> String {
         let cm = &self.config.cm;
-        Ok(match cm.hostname.parse::<std::net::IpAddr>() {
+        match cm.hostname.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V6(v6)) => format!("tcp://[{v6}]:{}", cm.commanding_port),
             _ => format!("tcp://{}:{}", cm.hostname, cm.commanding_port),
-        })
+        }
     }
 
     async fn client(&self) -> Result<ControlClient, ConfmanError> {
@@ -516,16 +516,11 @@ impl Inner {
     }
 
     fn describe(&self) -> String {
-        let ep = self
-            .endpoint()
-            .map(|e| {
-                if self.config.cm.commanding_port == 0 {
-                    "(discovered)".into()
-                } else {
-                    e
-                }
-            })
-            .unwrap_or_default();
+        let ep = if self.config.cm.commanding_port == 0 {
+            "(discovered)".into()
+        } else {
+            self.endpoint()
+        };
         match &*lock(&self.state) {
             CmState::Unknown => format!(
                 "Configuration Manager {ep} (not asked yet); fallback {}",
@@ -686,7 +681,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU8, Ordering};
 
-    use crate::cgse::testing::{free_port, wait_until, ScriptedServer};
+    use crate::cgse::testing::{wait_until, ReservedPort, ScriptedServer};
     use crate::codec::{Object, ObjectKind};
 
     /// A pickled `egse.setup.Setup` as cm_cs sends it: items first, `_setup_id` in the BUILD state.
@@ -776,7 +771,8 @@ mod tests {
 
     #[tokio::test]
     async fn follows_the_cm_then_answers_from_the_cache_at_once() {
-        let port = free_port();
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let which = Arc::new(AtomicU8::new(0));
         let cm = fake_cm(port, which.clone()).await;
         let s = source(port, None);
@@ -878,11 +874,13 @@ mod tests {
                 .unwrap();
         };
         save_last_setup_id("1");
-        let port = free_port();
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let which = Arc::new(AtomicU8::new(0));
         let gate = Arc::new(tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS / 2));
         let cm = gated_fake_cm(port, which.clone(), gate.clone()).await;
-        let hub_port = free_port();
+        let hub_reserved = ReservedPort::new();
+        let hub_port = hub_reserved.port();
         let mut hub = FakeHub::bind(hub_port).await;
         // No background re-read during the test: every request the fake CM counts is one a call (or an
         // event) caused.
@@ -1004,10 +1002,11 @@ mod tests {
             "Setup:\n  x:\n    device: class//egse.dummy.DummyProxy\n    device_name: Local Device\n",
         )
         .unwrap();
-        let s = source(free_port(), Some(file));
+        let reserved = ReservedPort::new();
+        let s = source(reserved.port(), Some(file));
         assert_eq!(names(s.current().await), ["Local Device"]);
         assert!(s.describe().contains("local Setup file"), "{}", s.describe());
-        let none = source(free_port(), None);
+        let none = source(reserved.port(), None);
         assert!(none.current().await.is_none());
         assert!(none.describe().contains("no Setup"), "{}", none.describe());
         std::fs::remove_dir_all(dir).ok();

@@ -84,14 +84,6 @@ impl Default for ReservedPort {
     }
 }
 
-/// A free loopback port (nothing listens on it when this returns).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a loopback port")
-        .port()
-}
-
 /// Poll `cond` until it holds or `limit` passes (the caller asserts afterwards).
 pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + limit;
