@@ -27,8 +27,36 @@ fn silent_subscriber(port: u16) -> TcpStream {
     s
 }
 
+/// The tests of this binary measure the one global heap: one at a time.
+static HEAP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// vendor/zeromq/PATCHES.md, patch 11: a PUB socket no longer allocates its 100,000-message fan-out queue up
+/// front (~4 MB written at creation, the largest part of the daemon's idle memory); the queue grows while
+/// messages wait.
+#[test]
+fn an_idle_pub_socket_holds_no_queue_in_advance() {
+    let _one = HEAP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let before = counting_alloc::live() as isize;
+        let (publisher, _port) = procman::transport::bind_pub("tcp", "127.0.0.1", 0, "test")
+            .await
+            .unwrap();
+        let grown = counting_alloc::live() as isize - before;
+        println!("a bound PUB socket: {grown:+} B of heap");
+        assert!(grown < 256 * 1024, "a PUB socket with no subscriber holds {grown} B");
+        drop(publisher);
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+}
+
 #[test]
 fn a_subscriber_that_never_reads_holds_at_most_its_bound() {
+    let _one = HEAP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     zeromq::limits::set_pub_subscriber_queue(100);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

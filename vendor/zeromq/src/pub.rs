@@ -10,7 +10,7 @@ use crate::{MultiPeerBackend, Socket, SocketBackend, SocketEvent, SocketSend, So
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::SegQueue;
 use futures::channel::{mpsc, oneshot};
 use futures::{select, FutureExt, StreamExt};
 use parking_lot::Mutex;
@@ -76,8 +76,54 @@ pub(crate) struct PubSocketBackend {
     pub(crate) socket_options: Arc<SocketOptions>,
 }
 
+/// A bounded MPMC queue that allocates as it fills (procman patch 11). Upstream used a `crossbeam`
+/// `ArrayQueue` of `PUB_SEND_QUEUE_CAPACITY` slots, allocated and written when the socket is created: ~4 MB
+/// resident for the life of every PUB socket, subscribers or not. The bound is the same; the memory is
+/// taken in blocks while messages wait and given back when they leave.
+struct LazyBoundedQueue<T> {
+    items: SegQueue<T>,
+    len: AtomicUsize,
+    capacity: usize,
+}
+
+impl<T> LazyBoundedQueue<T> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            items: SegQueue::new(),
+            len: AtomicUsize::new(0),
+            capacity,
+        }
+    }
+
+    /// `Err(item)` when the queue holds `capacity` items already.
+    fn push(&self, item: T) -> Result<(), T> {
+        let taken = self
+            .len
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.capacity).then_some(n + 1));
+        if taken.is_err() {
+            return Err(item);
+        }
+        self.items.push(item);
+        Ok(())
+    }
+
+    fn pop(&self) -> Option<T> {
+        let item = self.items.pop()?;
+        self.len.fetch_sub(1, Ordering::AcqRel);
+        Some(item)
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 struct PubFanoutQueue {
-    queue: Arc<ArrayQueue<ZmqMessage>>,
+    queue: Arc<LazyBoundedQueue<ZmqMessage>>,
     wake_sender: mpsc::UnboundedSender<()>,
     wake_pending: Arc<AtomicBool>,
 }
@@ -99,7 +145,7 @@ impl PubFanoutQueue {
 }
 
 fn spawn_pub_fanout_queue(backend: Arc<PubSocketBackend>) -> PubFanoutQueue {
-    let queue = Arc::new(ArrayQueue::new(PUB_SEND_QUEUE_CAPACITY));
+    let queue = Arc::new(LazyBoundedQueue::new(PUB_SEND_QUEUE_CAPACITY));
     let wake_pending = Arc::new(AtomicBool::new(false));
     let (wake_sender, mut wake_receiver) = mpsc::unbounded();
     let worker_queue = queue.clone();
@@ -390,7 +436,7 @@ mod tests {
     fn test_fanout_queue(capacity: usize) -> (PubFanoutQueue, mpsc::UnboundedReceiver<()>) {
         let (wake_sender, wake_receiver) = mpsc::unbounded();
         let fanout_queue = PubFanoutQueue {
-            queue: Arc::new(ArrayQueue::new(capacity)),
+            queue: Arc::new(LazyBoundedQueue::new(capacity)),
             wake_sender,
             wake_pending: Arc::new(AtomicBool::new(false)),
         };
