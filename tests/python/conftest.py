@@ -28,6 +28,13 @@ from pathlib import Path
 
 import pytest
 
+# A suite started in the background by a non-interactive shell (`bash script &`) inherits SIGINT ignored, and
+# so would every process it starts: the Ctrl-C tests would wait for an interrupt that can never arrive.
+# Python only turns SIGINT into KeyboardInterrupt when it starts with the default disposition; give the
+# session (and, through exec, its children) that default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
 
