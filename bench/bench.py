@@ -261,10 +261,12 @@ def _children(pid: int) -> list[int]:
     return []
 
 
-def pyclient(env: CgseEnv, spec: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
-    """Run one phase of bench/pyclient.py under the reference interpreter."""
+def _client_script(
+    python: str, script: Path, env: CgseEnv, spec: dict[str, Any], timeout: float, what: str
+) -> dict[str, Any]:
+    """Run a client script (one JSON spec in, a ``RESULT {json}`` line out) in the site's environment."""
     r = subprocess.run(
-        [ref_python(), str(PYCLIENT), json.dumps(spec)],
+        [python, str(script), json.dumps(spec)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -274,10 +276,13 @@ def pyclient(env: CgseEnv, spec: dict[str, Any], timeout: float = 300.0) -> dict
     )
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"pyclient {spec['phase']} failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        )
+        raise RuntimeError(f"{what} failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def pyclient(env: CgseEnv, spec: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    """Run one phase of bench/pyclient.py under the reference interpreter."""
+    return _client_script(ref_python(), PYCLIENT, env, spec, timeout, f"pyclient {spec['phase']}")
 
 
 def wire_bench(port: int, *args: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -291,21 +296,7 @@ def wire_bench(port: int, *args: str, timeout: float = 120.0) -> dict[str, Any]:
 
 def proxyclient(python: str, env: CgseEnv, spec: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
     """bench/proxyclient.py under ``python``: ours (this venv) or the original (the reference venv)."""
-    r = subprocess.run(
-        [python, str(PROXYCLIENT), json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env.env(),
-        cwd=env.run_dir,
-        check=False,
-    )
-    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"proxyclient ({python}) failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        )
-    return json.loads(lines[-1][len("RESULT ") :])
+    return _client_script(python, PROXYCLIENT, env, spec, timeout, f"proxyclient ({python})")
 
 
 def import_time(python: str, env: CgseEnv, runs: int) -> dict[str, Any]:

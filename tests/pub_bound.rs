@@ -27,6 +27,15 @@ fn silent_subscriber(port: u16) -> TcpStream {
     s
 }
 
+/// The runtime of the daemon (two workers).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// The tests of this binary measure the one global heap: one at a time.
 static HEAP: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -36,11 +45,7 @@ static HEAP: std::sync::Mutex<()> = std::sync::Mutex::new(());
 #[test]
 fn an_idle_pub_socket_holds_no_queue_in_advance() {
     let _one = HEAP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let before = counting_alloc::live() as isize;
         let (publisher, _port) = procman::transport::bind_pub("tcp", "127.0.0.1", 0, "test")
@@ -58,11 +63,7 @@ fn an_idle_pub_socket_holds_no_queue_in_advance() {
 fn a_subscriber_that_never_reads_holds_at_most_its_bound() {
     let _one = HEAP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     zeromq::limits::set_pub_subscriber_queue(100);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let (mut publisher, port) = procman::transport::bind_pub("tcp", "127.0.0.1", 0, "test")
             .await

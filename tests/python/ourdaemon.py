@@ -35,15 +35,18 @@ def pm_cs_binary() -> str:
     raise RuntimeError("no pm_cs binary: run `cargo build --release --bin pm_cs` or set PROCMAN_PM_CS")
 
 
-def our_cli(site: CgseEnv, *args: str) -> subprocess.CompletedProcess[str]:
-    """Our ``pm_cs <args>`` as an operator would run it in the site (its settings, its environment)."""
+def our_cli(
+    site: CgseEnv, *args: str, program: list[str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Our ``pm_cs <args>`` as an operator would run it in the site (its settings, its environment);
+    ``program`` instead of the binary, e.g. ``python -m egse.procman.procman_cs``."""
     return subprocess.run(
-        [pm_cs_binary(), *args],
+        [*(program or [pm_cs_binary()]), *args],
         env=site.env(),
         cwd=site.run_dir,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
         check=False,
     )
 

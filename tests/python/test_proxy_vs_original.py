@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from egse.procman import ProcessManagerProxy, ServiceProxy, StatusCommand
 from gate import refenv_marks
+from ourdaemon import our_cli
 from replies import ok
 
 refenv = pytest.importorskip("refenv", reason="the reference-services harness (tests/python/refenv.py) is absent")
@@ -102,16 +103,8 @@ def test_the_service_port_of_the_original(original: Any) -> None:
 
 
 def _our_cli(env: Any, command: str) -> subprocess.CompletedProcess[str]:
-    """Our ``pm_cs <command>`` with the original site's settings (same ports, same environment)."""
-    return subprocess.run(
-        [sys.executable, "-m", "egse.procman.procman_cs", command],
-        env=env.env(),
-        cwd=env.run_dir,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    """Our ``python -m egse.procman.procman_cs <command>`` with the original site's settings."""
+    return our_cli(env, command, program=[sys.executable, "-m", "egse.procman.procman_cs"], timeout=60)
 
 
 @pytest.mark.timeout(120)
