@@ -613,6 +613,9 @@ def test_ping_latency_does_not_depend_on_the_peers(site: CgseEnv) -> None:
         down = ping_latencies(site.ports.pm_cmd, 2000)
         fu, fd = figures(up), figures(down)
         print(f"\n[figure] Ping latency, SM+CM+registry up: {fu}; down: {fd}")
-        # Relative, in the same run: a Ping that waited on a dead peer would cost its timeout (seconds).
-        assert fd["median_ms"] < 2 * fu["median_ms"] + 0.5, (fu, fd)
-        assert fd["p99_ms"] < 4 * fu["p99_ms"] + 5, (fu, fd)
+        # A dead peer costs PEER_CONNECT_TIMEOUT (0.3 s) per attempt, four attempts a second: a Ping that waited
+        # on one would see hundreds of milliseconds at the median and the p99. The bounds are a fraction of
+        # that, far above what a busy machine adds (p99 5 ms, max 13 ms with both cores saturated); the
+        # latencies themselves are the benchmark's figures.
+        assert fd["median_ms"] < 30, (fu, fd)
+        assert fd["p99_ms"] < 100, (fu, fd)
