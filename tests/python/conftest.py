@@ -25,8 +25,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from ourdaemon import OurDaemon
+    from refenv import CgseEnv
 
 # A suite started in the background by a non-interactive shell (`bash script &`) inherits SIGINT ignored, and
 # so would every process it starts: the Ctrl-C tests would wait for an interrupt that can never arrive.
@@ -238,3 +243,13 @@ def no_daemon() -> Ports:
     """The session ports, with nothing answering on them."""
     assert not is_active(PORTS.commanding), "a daemon is still running on the session ports"
     return PORTS
+
+
+@pytest.fixture
+def ours(site: CgseEnv) -> Iterator[OurDaemon]:
+    """Our daemon, started in the test module's CGSE site (the module defines ``site``), stopped after."""
+    from ourdaemon import OurDaemon  # not at import: this file must run before anything else is imported
+
+    with OurDaemon(site) as d:
+        d.start()
+        yield d

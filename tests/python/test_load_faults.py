@@ -235,13 +235,6 @@ def site(tmp_path: Path) -> Iterator[CgseEnv]:
         yield env
 
 
-@pytest.fixture
-def ours(site: CgseEnv) -> Iterator[OurDaemon]:
-    with OurDaemon(site) as d:
-        d.start()
-        yield d
-
-
 # ------------------------------------------------------------------------------------------------ load
 
 

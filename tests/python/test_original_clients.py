@@ -28,13 +28,6 @@ def site(tmp_path: Path) -> Iterator[CgseEnv]:
         yield env
 
 
-@pytest.fixture
-def ours(site: CgseEnv) -> Iterator[OurDaemon]:
-    with OurDaemon(site) as d:
-        d.start()
-        yield d
-
-
 def test_process_manager_proxy(site: CgseEnv, ours: OurDaemon) -> None:
     p = site.ports
     got = site.run_json(

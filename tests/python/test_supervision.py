@@ -74,13 +74,6 @@ def site(tmp_path: Path) -> Iterator[CgseEnv]:
         yield env
 
 
-@pytest.fixture
-def ours(site: CgseEnv) -> Iterator[OurDaemon]:
-    with OurDaemon(site) as d:
-        d.start()
-        yield d
-
-
 def proxy(site: CgseEnv) -> ProcessManagerProxy:
     return ProcessManagerProxy(hostname="127.0.0.1", port=site.ports.pm_cmd, timeout=10.0)
 
