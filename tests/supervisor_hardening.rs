@@ -23,11 +23,14 @@ use supervisor_util::{config, def, eventually, settled_cmdline, spawn_helper, Ha
 const T: Duration = Duration::from_secs(15);
 const HELPER_ENV: &str = "HARDENING_HELPER_DIR";
 
-/// Live processes carrying `PROCMAN_ID=<id>`.
-fn marked(id: &str) -> Vec<i32> {
+/// Live processes of the supervisor with `state_dir` carrying `PROCMAN_ID=<id>` (another suite on the same
+/// machine has processes with the same id, never with our owner).
+fn marked(state_dir: &std::path::Path, id: &str) -> Vec<i32> {
+    let owner = supervisor_util::owner_of(state_dir);
     sys::all_processes()
         .into_iter()
         .filter(|p| p.state != 'Z' && sys::environ_has(p.pid, ID_ENV, id) == Some(true))
+        .filter(|p| sys::environ_has(p.pid, OWNER_ENV, &owner) == Some(true))
         .map(|p| p.pid)
         .collect()
 }
@@ -40,13 +43,14 @@ async fn stop_reaches_a_grandchild_that_called_setsid() {
     let mut d = def(id, &["bash", "-c", "setsid sleep 1000 & wait"]);
     d.stop_timeout = Duration::from_secs(2);
     let h = Harness::start("setsid", vec![d]);
+    let state_dir = h.dir.path().join("state");
     h.sup.start(id).await.unwrap();
     let leader = h.wait_state(id, ProcessState::Running, T).await.pid.unwrap();
     // The sleep: marked, in a session (and group) of its own.
     let mut escaped = 0;
     assert!(
         eventually(T, || {
-            escaped = marked(id)
+            escaped = marked(&state_dir, id)
                 .into_iter()
                 .find(|p| *p != leader && sys::stat(*p).is_some_and(|s| s.session == *p && s.pgrp == *p))
                 .unwrap_or(0);
@@ -62,7 +66,11 @@ async fn stop_reaches_a_grandchild_that_called_setsid() {
         sys::stat(escaped).is_none_or(|s| s.state == 'Z'),
         "the setsid grandchild {escaped} survived the stop"
     );
-    assert!(marked(id).is_empty(), "marked processes left: {:?}", marked(id));
+    assert!(
+        marked(&state_dir, id).is_empty(),
+        "marked processes left: {:?}",
+        marked(&state_dir, id)
+    );
     h.sup.shutdown(true).await;
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use procman::supervisor::{install_reaper, sys, ProcessDefinition, ProcessState, RestartPolicy, STATE_FILE};
-use supervisor_util::{config, count_cmdline, def, eventually, spawn_helper, Harness, KillGuard, TempDir};
+use supervisor_util::{config, count_our_children_running, def, eventually, spawn_helper, Harness, KillGuard, TempDir};
 
 const T: Duration = Duration::from_secs(10);
 const HELPER_ENV: &str = "PERSIST_HELPER_DIR";
@@ -107,6 +107,7 @@ async fn readopts_after_supervisor_is_killed() {
         guard.track_id(&d.id);
     }
     let (helper, pids) = run_helper(dir.path(), tag, &guard);
+    guard.track_owner(&dir.path().join("state"));
     kill(Pid::from_raw(helper), Signal::SIGKILL).unwrap();
     assert!(eventually(T, || sys::stat(helper).is_none()).await, "helper gone");
     for p in &pids {
@@ -130,7 +131,11 @@ async fn readopts_after_supervisor_is_killed() {
     );
     for i in 0..3 {
         let argv = format!("1000.{}{i}", tag.len());
-        assert_eq!(count_cmdline(&["sleep", &argv]), 1, "no duplicate of {tag}-{i}");
+        assert_eq!(
+            count_our_children_running(&["sleep", &argv]),
+            1,
+            "no duplicate of {tag}-{i}"
+        );
     }
     // An adopted child (re-parented to us) is watched by the reaper: its crash is seen, with the signal.
     kill(Pid::from_raw(pids[0]), Signal::SIGKILL).unwrap();
@@ -162,6 +167,7 @@ async fn readopts_non_children_through_pidfd() {
     }
     // The helper's supervisor shuts down without stopping; the helper stays alive as their parent.
     let (helper, pids) = run_helper(dir.path(), tag, &guard);
+    guard.track_owner(&dir.path().join("state"));
     let h = Harness::start_with(TempDir::new("pidfd-b"), config(dir.path()), three(tag), None);
     for (i, p) in pids.iter().enumerate() {
         let r = h.wait_state(&format!("{tag}-{i}"), ProcessState::Running, T).await;

@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use procman::supervisor::{
     sys, ProcessDefinition, ProcessEvent, ProcessRecord, ProcessState, ReadinessProbe, Supervisor, SupervisorConfig,
-    SupervisorHandle, ID_ENV,
+    SupervisorHandle, ID_ENV, OWNER_ENV,
 };
 use tokio::sync::mpsc;
 
@@ -48,6 +48,15 @@ impl Drop for TempDir {
 pub struct KillGuard {
     groups: Arc<Mutex<Vec<(i32, u64)>>>,
     ids: Arc<Mutex<Vec<String>>>,
+    owners: Arc<Mutex<Vec<String>>>,
+}
+
+/// The owner marker a supervisor with this state directory gives its children (see `Supervisor::spawn`).
+pub fn owner_of(state_dir: &Path) -> String {
+    std::fs::canonicalize(state_dir)
+        .unwrap_or_else(|_| state_dir.to_path_buf())
+        .display()
+        .to_string()
 }
 
 impl KillGuard {
@@ -61,13 +70,24 @@ impl KillGuard {
         self.ids.lock().unwrap().push(id.to_owned());
     }
 
+    /// Only processes of the supervisor with this state directory are ours: another suite on the same
+    /// machine runs processes with the same ids.
+    pub fn track_owner(&self, state_dir: &Path) {
+        self.owners.lock().unwrap().push(owner_of(state_dir));
+    }
+
     pub fn kill_all(&self) {
         let ids = self.ids.lock().unwrap().clone();
+        let owners = self.owners.lock().unwrap().clone();
         for p in sys::all_processes() {
             if p.state == 'Z' {
                 continue;
             }
-            if ids.iter().any(|id| sys::environ_has(p.pid, ID_ENV, id) == Some(true)) {
+            let ours = owners.is_empty()
+                || owners
+                    .iter()
+                    .any(|o| sys::environ_has(p.pid, OWNER_ENV, o) == Some(true));
+            if ours && ids.iter().any(|id| sys::environ_has(p.pid, ID_ENV, id) == Some(true)) {
                 let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
             }
         }
@@ -122,7 +142,9 @@ impl Harness {
         }
         let (tx, mut rx) = mpsc::channel::<ProcessEvent>(10_000);
         let events = Arc::new(Mutex::new(Vec::new()));
+        let state_dir = cfg.state_dir.clone();
         let sup = Supervisor::spawn(cfg, defs, tx, probe).expect("spawn supervisor");
+        guard.track_owner(&state_dir);
         let (ev, g) = (events.clone(), guard.clone());
         tokio::spawn(async move {
             while let Some(e) = rx.recv().await {
@@ -198,11 +220,14 @@ pub fn group_alive_members(pgid: i32) -> Vec<i32> {
     sys::group_members(pgid)
 }
 
-/// Live processes whose command line is exactly `argv`.
-pub fn count_cmdline(argv: &[&str]) -> usize {
+/// Live processes running `argv` whose parent is this test process: another suite running on the same
+/// machine (a CI run beside a local one) has processes with the same command lines, never with our pid as
+/// parent.
+pub fn count_our_children_running(argv: &[&str]) -> usize {
+    let me = std::process::id() as i32;
     sys::all_processes()
         .into_iter()
-        .filter(|p| p.state != 'Z')
+        .filter(|p| p.state != 'Z' && p.ppid == me)
         .filter(|p| sys::cmdline(p.pid).map(|c| c == argv).unwrap_or(false))
         .count()
 }
