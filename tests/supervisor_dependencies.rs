@@ -81,8 +81,12 @@ async fn dependents_wait_for_ready_dependencies_and_stop_first() {
     assert_eq!(sm_waiting.last_error.as_deref(), Some("waiting for dep-registry"));
 
     ready.store(true, Ordering::SeqCst);
-    h.wait_state("dep-cm", ProcessState::Running, T).await;
-    h.wait_state("dep-logger", ProcessState::Running, T).await;
+    // The recorded events, not the table: events reach the recorder task after the table changes, in order,
+    // so once these two are recorded every earlier one is too.
+    h.wait_event(T, |e| e.id == "dep-cm" && e.new_state == ProcessState::Running)
+        .await;
+    h.wait_event(T, |e| e.id == "dep-logger" && e.new_state == ProcessState::Running)
+        .await;
     assert_eq!(
         h.sup.get("dep-cm").unwrap().last_error,
         None,
@@ -107,6 +111,8 @@ async fn dependents_wait_for_ready_dependencies_and_stop_first() {
     );
     let before = h.events.lock().unwrap().len();
     h.sup.shutdown(true).await;
+    h.wait_event(T, |e| e.id == "dep-registry" && e.new_state == ProcessState::Stopped)
+        .await;
     let events = h.events.lock().unwrap()[before..].to_vec();
     let cm_stopped = index_of(&events, "dep-cm", ProcessState::Stopped);
     let sm_stopping = index_of(&events, "dep-sm", ProcessState::Stopping);

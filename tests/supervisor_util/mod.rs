@@ -168,6 +168,13 @@ impl Harness {
         loop {
             let r = self.sup.get(id).expect("known id");
             if r.state == state {
+                // The table changes before its event reaches the recorder task: wait until every event up to
+                // now is recorded, so that a test reading `events` next sees the one that made this state.
+                let seq = self.sup.list().0;
+                while self.events.lock().unwrap().last().map_or(0, |e| e.seq) < seq {
+                    assert!(t0.elapsed() < timeout, "{id}: events up to seq {seq} never recorded");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
                 return r;
             }
             assert!(
