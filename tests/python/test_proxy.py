@@ -563,7 +563,14 @@ def test_a_blocking_send_releases_the_gil() -> None:
 
 def test_ctrl_c_interrupts_a_blocking_send() -> None:
     asked = threading.Event()
-    with FakeServer(lambda raw: asked.set()) as srv:  # the request arrives, no reply ever comes
+
+    def silent(raw: bytes) -> None:
+        # Only the request the child blocks in: the proxy's own hand-shake comes first, and a Ctrl-C sent
+        # then lands outside the child's try block.
+        if b"get_devices" in raw:
+            asked.set()
+
+    with FakeServer(silent) as srv:  # the request arrives, no reply ever comes
         code = textwrap.dedent(
             f"""
             import sys, time
