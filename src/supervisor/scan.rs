@@ -70,11 +70,14 @@ impl MarkerScans {
 
     fn walk_until_idle(&self) {
         // Should a walk panic, the next request must start a walker again; waiters of a lost batch see their
-        // sender dropped (an empty result) rather than waiting forever.
+        // sender dropped (an empty result) rather than waiting forever. Only then: on a normal return the flag
+        // is cleared under the lock below, and clearing it again afterwards could clear a newer walker's.
         struct Idle<'a>(&'a MarkerScans);
         impl Drop for Idle<'_> {
             fn drop(&mut self) {
-                self.0.lock().walking = false;
+                if std::thread::panicking() {
+                    self.0.lock().walking = false;
+                }
             }
         }
         let _idle = Idle(self);
@@ -88,11 +91,10 @@ impl MarkerScans {
                 p.walks += 1;
                 std::mem::take(&mut p.waiters)
             };
-            let mut found = sys::marked_processes_by_id(self.id_var, self.owner_var, &self.owner);
+            let found = sys::marked_processes_by_id(self.id_var, self.owner_var, &self.owner);
             for (id, tx) in batch {
                 let _ = tx.send(found.get(&id).cloned().unwrap_or_default());
             }
-            found.clear();
         }
     }
 }
