@@ -20,17 +20,17 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::cgse::storage::HousekeepingSink;
-use crate::codec::Value;
+use crate::codec::{PickleWriter, Value};
 use crate::daemon::Lifecycle;
 use crate::housekeeping::{CountProcesses, ProcessCounts};
 use crate::probe::Pinger;
 use crate::protocol::{from_json, py_repr};
-use crate::server::{Call, CommandError, Handler, HandlerFuture};
+use crate::server::{Call, CommandError, Handler, HandlerFuture, Reply};
 use crate::setup::{device_ids_reply, devices_reply, Device, SetupSource};
 use crate::supervisor::helper::cgse_entry_points;
 use crate::supervisor::{
     definition::validate_client_args, validate_client_id, Desired, DeviceSpec, Launchers, ProcessDefinition,
-    ProcessEvent, ProcessRecord, ProcessState, ProcessTable, RestartPolicy, SupervisorError, SupervisorHandle,
+    ProcessEvent, ProcessState, ProcessTable, RecordView, RestartPolicy, SupervisorError, SupervisorHandle,
 };
 
 /// How long the configured Python may take to list its entry points.
@@ -148,64 +148,80 @@ fn serde_value<T: Serialize>(r: &T) -> Value {
     serde_json::to_value(r).map(from_json).unwrap_or(Value::None)
 }
 
-/// A status record as the wire carries it: the same dict its serde form gives (a test checks that), built
-/// directly because `list_processes` is the hot path of status polling.
-fn record_value(r: &ProcessRecord) -> Value {
-    let int = |v: Option<i32>| v.map(|x| Value::Int(i64::from(x))).unwrap_or(Value::None);
-    let float = |v: Option<f64>| v.map(Value::Float).unwrap_or(Value::None);
-    let text = |v: &Option<String>| v.as_ref().map(Value::str).unwrap_or(Value::None);
-    let path = |p: &std::path::Path| Value::Str(p.display().to_string());
+/// A status record as the wire carries it: the same dict its serde form gives (a test checks that),
+/// written straight into the reply because `list_processes` is the hot path of status polling.
+fn write_record(w: &mut PickleWriter, v: RecordView<'_>) {
+    fn opt_int(w: &mut PickleWriter, v: Option<i32>) {
+        match v {
+            Some(x) => w.int(i64::from(x)),
+            None => w.none(),
+        }
+    }
+    fn opt_float(w: &mut PickleWriter, v: Option<f64>) {
+        match v {
+            Some(x) => w.float(x),
+            None => w.none(),
+        }
+    }
+    fn opt_str(w: &mut PickleWriter, v: Option<&str>) {
+        match v {
+            Some(x) => w.str(x),
+            None => w.none(),
+        }
+    }
+    fn path(w: &mut PickleWriter, p: &std::path::Path) {
+        w.str(&p.to_string_lossy());
+    }
+    let r = v.record;
     let d = &r.definition;
-    let restart = match d.restart {
-        RestartPolicy::Never => "never",
-        RestartPolicy::OnFailure => "on-failure",
-        RestartPolicy::Always => "always",
-    };
-    Value::dict([
-        ("id", Value::str(&r.id)),
-        ("state", Value::str(r.state.as_str())),
-        ("pid", int(r.pid)),
-        ("pgid", int(r.pgid)),
-        ("start_time", float(r.start_time)),
-        ("uptime_s", float(r.uptime_s)),
-        ("exit_code", int(r.exit_code)),
-        ("exit_signal", int(r.exit_signal)),
-        ("restarts", Value::Int(i64::from(r.restarts))),
-        ("last_error", text(&r.last_error)),
-        ("argv", Value::List(r.argv.iter().map(Value::str).collect())),
-        ("cwd", r.cwd.as_deref().map(path).unwrap_or(Value::None)),
-        (
-            "env",
-            Value::Dict(r.env.iter().map(|(k, v)| (Value::str(k), Value::str(v))).collect()),
-        ),
-        ("ready", r.ready.map(Value::Bool).unwrap_or(Value::None)),
-        ("stdout_log", path(&r.stdout_log)),
-        ("stderr_log", path(&r.stderr_log)),
-        ("log_dropped_bytes", Value::Int(r.log_dropped_bytes as i64)),
-        ("adopted", Value::Bool(r.adopted)),
-        (
-            "desired",
-            Value::str(if r.desired == Desired::Running {
-                "running"
-            } else {
-                "stopped"
-            }),
-        ),
-        (
-            "definition",
-            Value::dict([
-                ("restart", Value::str(restart)),
-                ("forking", Value::Bool(d.forking)),
-                ("simulator", Value::Bool(d.simulator)),
-                ("autostart", Value::Bool(d.autostart)),
-                ("stop_signal", Value::str(&d.stop_signal)),
-                ("stop_timeout_s", Value::Float(d.stop_timeout_s)),
-                ("readiness", text(&d.readiness)),
-                ("service_type", text(&d.service_type)),
-                ("inherit_env", Value::Bool(d.inherit_env)),
-            ]),
-        ),
-    ])
+    w.dict(|e| {
+        e.key("id").str(&r.id);
+        e.key("state").str(r.state.as_str());
+        opt_int(e.key("pid"), r.pid);
+        opt_int(e.key("pgid"), r.pgid);
+        opt_float(e.key("start_time"), r.start_time);
+        opt_float(e.key("uptime_s"), v.uptime_s);
+        opt_int(e.key("exit_code"), r.exit_code);
+        opt_int(e.key("exit_signal"), r.exit_signal);
+        e.key("restarts").int(i64::from(r.restarts));
+        opt_str(e.key("last_error"), r.last_error.as_deref());
+        e.key("argv").list(&r.argv, |w, a| w.str(a));
+        match &r.cwd {
+            Some(p) => path(e.key("cwd"), p),
+            None => e.key("cwd").none(),
+        }
+        e.key("env")
+            .dict(|env| r.env.iter().for_each(|(k, v)| env.key(k).str(v)));
+        match r.ready {
+            Some(b) => e.key("ready").bool(b),
+            None => e.key("ready").none(),
+        }
+        path(e.key("stdout_log"), &r.stdout_log);
+        path(e.key("stderr_log"), &r.stderr_log);
+        e.key("log_dropped_bytes")
+            .int(i64::try_from(v.log_dropped_bytes).unwrap_or(i64::MAX));
+        e.key("adopted").bool(r.adopted);
+        e.key("desired").str(if r.desired == Desired::Running {
+            "running"
+        } else {
+            "stopped"
+        });
+        e.key("definition").dict(|e| {
+            e.key("restart").str(match d.restart {
+                RestartPolicy::Never => "never",
+                RestartPolicy::OnFailure => "on-failure",
+                RestartPolicy::Always => "always",
+            });
+            e.key("forking").bool(d.forking);
+            e.key("simulator").bool(d.simulator);
+            e.key("autostart").bool(d.autostart);
+            e.key("stop_signal").str(&d.stop_signal);
+            e.key("stop_timeout_s").float(d.stop_timeout_s);
+            opt_str(e.key("readiness"), d.readiness.as_deref());
+            opt_str(e.key("service_type"), d.service_type.as_deref());
+            e.key("inherit_env").bool(d.inherit_env);
+        });
+    });
 }
 
 fn sup_err(e: SupervisorError) -> CommandError {
@@ -647,6 +663,18 @@ impl Controller {
         Ok(reply)
     }
 
+    /// `list_processes`: `{"seq": n, "processes": [record, ...]}`, written from the table in place.
+    fn list_processes(&self) -> Vec<u8> {
+        let mut w = PickleWriter::new();
+        self.supervisor.visit_records(|seq, records| {
+            w.dict(|e| {
+                e.key("seq").int(i64::try_from(seq).unwrap_or(i64::MAX));
+                e.key("processes").list(records, write_record);
+            });
+        });
+        w.finish()
+    }
+
     async fn call(&self, call: Call) -> Result<Value, CommandError> {
         match call.name.as_str() {
             "get_core_processes" => {
@@ -695,14 +723,6 @@ impl Controller {
                 let arg = one_arg(call, "status_cmd")?;
                 self.device_process_status(ProcessCommand::from_value(&arg, "StatusCommand")?)
                     .await
-            }
-            "list_processes" => {
-                call.bind(&[], 0)?;
-                let (seq, records) = self.supervisor.list();
-                Ok(Value::dict([
-                    ("seq", Value::Int(seq as i64)),
-                    ("processes", Value::List(records.iter().map(record_value).collect())),
-                ]))
             }
             "restart_process" => {
                 let id = process_id(one_arg(call, "process_id")?)?;
@@ -774,7 +794,13 @@ fn device_spec(d: &Device, simulator: bool) -> Option<DeviceSpec> {
 
 impl Handler for Controller {
     fn handle(&self, call: Call) -> HandlerFuture<'_> {
-        Box::pin(self.call(call))
+        Box::pin(async move {
+            if call.name == "list_processes" {
+                call.bind(&[], 0)?;
+                return Ok(Reply::Pickled(self.list_processes()));
+            }
+            self.call(call).await.map(Reply::from)
+        })
     }
 }
 
@@ -840,7 +866,7 @@ enum Reach {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::DefinitionSummary;
+    use crate::supervisor::{DefinitionSummary, ProcessRecord};
 
     fn record(d: Desired, ready: Option<bool>) -> ProcessRecord {
         ProcessRecord {
@@ -878,9 +904,17 @@ mod tests {
     }
 
     #[test]
-    fn direct_record_value_equals_its_serde_form() {
+    fn a_written_record_equals_its_serde_form() {
         for r in [record(Desired::Running, Some(true)), record(Desired::Stopped, None)] {
-            assert_eq!(record_value(&r), serde_value(&r));
+            let mut w = PickleWriter::new();
+            let view = RecordView {
+                record: &r,
+                uptime_s: r.uptime_s,
+                log_dropped_bytes: r.log_dropped_bytes,
+            };
+            write_record(&mut w, view);
+            let back = crate::codec::decode(&w.finish(), &crate::codec::Limits::default()).expect("decodes");
+            assert_eq!(back, serde_value(&r));
         }
     }
 }

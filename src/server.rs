@@ -102,8 +102,23 @@ pub enum CommandError {
     Unknown(String),
 }
 
+/// What a handler answers: a value, or a pickle it wrote itself on a hot path ([`codec::PickleWriter`]).
+#[derive(Debug)]
+pub enum Reply {
+    /// A value, pickled by the dispatcher.
+    Value(Value),
+    /// A complete pickle (`PickleWriter::finish`), sent as is.
+    Pickled(Vec<u8>),
+}
+
+impl From<Value> for Reply {
+    fn from(v: Value) -> Reply {
+        Reply::Value(v)
+    }
+}
+
 /// A boxed future returned by handlers.
-pub type HandlerFuture<'a> = crate::util::BoxFuture<'a, Result<Value, CommandError>>;
+pub type HandlerFuture<'a> = crate::util::BoxFuture<'a, Result<Reply, CommandError>>;
 
 /// The meaning of a socket's table commands.
 pub trait Handler: Send + Sync + 'static {
@@ -345,7 +360,8 @@ impl Dispatcher {
             .catch_unwind()
             .await;
         let reply = match result {
-            Ok(Ok(v)) => return (encode(v), Outcome { name, ok: true }),
+            Ok(Ok(Reply::Value(v))) => return (encode(v), Outcome { name, ok: true }),
+            Ok(Ok(Reply::Pickled(p))) => return (Bytes::from(p), Outcome { name, ok: true }),
             Ok(Err(CommandError::Unknown(n))) => protocol::invalid_command(&n),
             Ok(Err(e)) => {
                 let exc = match &e {
@@ -499,7 +515,7 @@ mod tests {
         fn handle(&self, call: Call) -> HandlerFuture<'_> {
             Box::pin(async move {
                 match call.name.as_str() {
-                    "get_devices" => Ok(Value::Dict(vec![])),
+                    "get_devices" => Ok(Value::Dict(vec![]).into()),
                     "stop_process" => panic!("boom"),
                     "start_process" => Err(CommandError::Value("no definition for device X".into())),
                     other => Err(CommandError::Unknown(other.to_owned())),

@@ -13,7 +13,7 @@ use crate::codec::Value;
 use crate::logging::{self, LogControl};
 use crate::monitor::StatusSampler;
 use crate::protocol::{exception, py_repr, PyExc};
-use crate::server::{Call, CommandError, Handler, HandlerFuture};
+use crate::server::{Call, CommandError, Handler, HandlerFuture, Reply};
 
 /// What `get_cs_module` answers: the module CGSE tools expect for the Process Manager.
 pub const CS_MODULE: &str = "egse.procman.procman_cs";
@@ -411,7 +411,7 @@ fn unreachable_builtin() -> Result<Value, CommandError> {
 
 impl Handler for ServiceHandler {
     fn handle(&self, call: Call) -> HandlerFuture<'_> {
-        Box::pin(self.call(call))
+        Box::pin(async move { self.call(call).await.map(Reply::from) })
     }
 }
 

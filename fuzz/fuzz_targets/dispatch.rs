@@ -24,7 +24,8 @@ impl Handler for Minimal {
                 "set_monitoring_frequency" => Err(CommandError::Value("bad frequency".into())),
                 _ => Ok(Value::Tuple(
                     bound.into_iter().map(|v| v.unwrap_or(Value::None)).collect(),
-                )),
+                )
+                .into()),
             }
         })
     }

@@ -15,11 +15,121 @@ const BATCH: usize = 1000;
 /// The keyword arguments of a [`ObjectKind::Reduce`] object cannot be expressed by REDUCE and are not
 /// written; the decoder never produces them.
 pub fn encode(value: &Value) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(&[0x80, 0x04]);
-    write(&mut out, value);
-    out.push(b'.');
-    out
+    let mut w = PickleWriter::new();
+    w.value(value);
+    w.finish()
+}
+
+/// Writes one pickle straight from the caller's data, without a [`Value`] tree: for replies on a hot path
+/// (`list_processes` of a hundred records), where building the tree costs more than the encoding itself.
+///
+/// The caller writes exactly one value (a container counts as one); [`PickleWriter::finish`] ends the pickle.
+/// The bytes are the ones [`encode`] writes for the equivalent tree, except that a batch of one item keeps
+/// its MARK (`( x e` rather than `x a`), which every unpickler reads the same.
+pub struct PickleWriter {
+    out: Vec<u8>,
+}
+
+impl Default for PickleWriter {
+    fn default() -> Self {
+        PickleWriter::new()
+    }
+}
+
+impl PickleWriter {
+    /// A pickle with its protocol header written.
+    pub fn new() -> PickleWriter {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&[0x80, 0x04]);
+        PickleWriter { out }
+    }
+
+    /// The finished pickle.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.out.push(b'.');
+        self.out
+    }
+
+    /// `None`.
+    pub fn none(&mut self) {
+        self.out.push(b'N');
+    }
+
+    /// `True` or `False`.
+    pub fn bool(&mut self, b: bool) {
+        self.out.push(if b { 0x88 } else { 0x89 });
+    }
+
+    /// An `int`.
+    pub fn int(&mut self, i: i64) {
+        write_int(&mut self.out, i);
+    }
+
+    /// A `float`.
+    pub fn float(&mut self, f: f64) {
+        self.out.push(b'G');
+        self.out.extend_from_slice(&f.to_be_bytes());
+    }
+
+    /// A `str`.
+    pub fn str(&mut self, s: &str) {
+        write_str(&mut self.out, s);
+    }
+
+    /// Any value given as a tree.
+    pub fn value(&mut self, v: &Value) {
+        write(&mut self.out, v);
+    }
+
+    /// A `list` of `items`, each written by `item`, which writes exactly one value.
+    pub fn list<T>(&mut self, items: impl IntoIterator<Item = T>, mut item: impl FnMut(&mut PickleWriter, T)) {
+        self.out.push(b']');
+        let mut n = 0usize;
+        for x in items {
+            if n.is_multiple_of(BATCH) {
+                if n > 0 {
+                    self.out.push(b'e');
+                }
+                self.out.push(b'(');
+            }
+            item(self, x);
+            n += 1;
+        }
+        if n > 0 {
+            self.out.push(b'e');
+        }
+    }
+
+    /// A `dict`, its entries written by `entries` through [`DictWriter::key`].
+    pub fn dict(&mut self, entries: impl FnOnce(&mut DictWriter<'_>)) {
+        self.out.push(b'}');
+        let mut d = DictWriter { w: self, n: 0 };
+        entries(&mut d);
+        if d.n > 0 {
+            d.w.out.push(b'u');
+        }
+    }
+}
+
+/// The entries of a dict being written by [`PickleWriter::dict`].
+pub struct DictWriter<'a> {
+    w: &'a mut PickleWriter,
+    n: usize,
+}
+
+impl DictWriter<'_> {
+    /// Writes a `str` key and returns the writer for its value, which the caller must write (one value).
+    pub fn key(&mut self, k: &str) -> &mut PickleWriter {
+        if self.n.is_multiple_of(BATCH) {
+            if self.n > 0 {
+                self.w.out.push(b'u');
+            }
+            self.w.out.push(b'(');
+        }
+        self.n += 1;
+        self.w.str(k);
+        self.w
+    }
 }
 
 fn write(out: &mut Vec<u8>, value: &Value) {
@@ -202,6 +312,49 @@ mod tests {
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn the_writer_and_the_tree_give_the_same_value() {
+        let tree = Value::dict([
+            ("id", Value::str("DUMMY_01")),
+            ("pid", Value::None),
+            ("ok", Value::Bool(true)),
+            ("n", Value::Int(-70_000)),
+            ("t", Value::Float(1.5)),
+            ("empty", Value::Dict(vec![])),
+            ("argv", Value::List((0..2500).map(Value::Int).collect())),
+            ("none", Value::List(vec![])),
+        ]);
+        let mut w = PickleWriter::new();
+        w.dict(|d| {
+            d.key("id").str("DUMMY_01");
+            d.key("pid").none();
+            d.key("ok").bool(true);
+            d.key("n").int(-70_000);
+            d.key("t").float(1.5);
+            d.key("empty").dict(|_| {});
+            d.key("argv").list(0..2500, |w, i| w.int(i));
+            d.key("none").list(std::iter::empty::<i64>(), |w, i| w.int(i));
+        });
+        let bytes = w.finish();
+        let back = crate::codec::decode(&bytes, &crate::codec::Limits::default()).expect("decodes");
+        assert_eq!(back, tree);
+    }
+
+    #[test]
+    fn a_writer_dict_of_more_than_one_batch_decodes_whole() {
+        let keys: Vec<String> = (0..2001).map(|i| format!("k{i}")).collect();
+        let mut w = PickleWriter::new();
+        w.dict(|d| keys.iter().enumerate().for_each(|(i, k)| d.key(k).int(i as i64)));
+        let back = crate::codec::decode(&w.finish(), &crate::codec::Limits::default()).expect("decodes");
+        let want = Value::Dict(
+            keys.iter()
+                .enumerate()
+                .map(|(i, k)| (Value::str(k), Value::Int(i as i64)))
+                .collect(),
+        );
+        assert_eq!(back, want);
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod value;
 
 pub use decode::decode;
 pub use describe::{bytes_repr, describe, float_repr, str_repr};
-pub use encode::encode;
+pub use encode::{encode, DictWriter, PickleWriter};
 pub use value::{dict_get, Object, ObjectKind, Value};
 
 /// Bounds on what one decoded pickle may cost. All are checked while decoding.

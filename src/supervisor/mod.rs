@@ -507,6 +507,16 @@ impl SupervisorHandle {
         (table.seq, table.slots.iter().map(snapshot_record).collect())
     }
 
+    /// What [`SupervisorHandle::list`] returns, read in place instead of copied: status polling's hot path
+    /// (a hundred records copied, then turned into a reply, cost more than the reply's encoding). `visit`
+    /// runs under the table's lock, which the process actors also take: it must be quick.
+    pub fn visit_records<R>(&self, visit: impl FnOnce(u64, &mut dyn Iterator<Item = RecordView<'_>>) -> R) -> R {
+        let table = self.ctx.table();
+        let now = unix_now();
+        let mut views = table.slots.iter().map(|s| RecordView::of(s, now));
+        visit(table.seq, &mut views)
+    }
+
     /// The last `n` lines of a process's output (stdout and stderr, in arrival order).
     ///
     /// # Errors
@@ -806,13 +816,37 @@ impl SupervisorHandle {
 }
 
 fn snapshot_record(slot: &Slot) -> ProcessRecord {
+    let view = RecordView::of(slot, unix_now());
     let mut r = slot.record.clone();
-    r.log_dropped_bytes = slot.sink.dropped();
-    r.uptime_s = match (r.state, r.start_time) {
-        (ProcessState::Starting | ProcessState::Running | ProcessState::Stopping, Some(t)) => {
-            Some((unix_now() - t).max(0.0))
-        }
-        _ => None,
-    };
+    r.log_dropped_bytes = view.log_dropped_bytes;
+    r.uptime_s = view.uptime_s;
     r
+}
+
+/// One status as [`SupervisorHandle::list`] reports it, borrowed from the table: the record and the two
+/// fields that are computed when asked.
+pub struct RecordView<'a> {
+    /// The stored record; its `uptime_s` and `log_dropped_bytes` are stale, use the fields below.
+    pub record: &'a ProcessRecord,
+    /// Seconds since the start while starting, running or stopping.
+    pub uptime_s: Option<f64>,
+    /// Output bytes the log sink has dropped so far.
+    pub log_dropped_bytes: u64,
+}
+
+impl RecordView<'_> {
+    fn of(slot: &Slot, now: f64) -> RecordView<'_> {
+        let r = &slot.record;
+        let uptime_s = match (r.state, r.start_time) {
+            (ProcessState::Starting | ProcessState::Running | ProcessState::Stopping, Some(t)) => {
+                Some((now - t).max(0.0))
+            }
+            _ => None,
+        };
+        RecordView {
+            record: r,
+            uptime_s,
+            log_dropped_bytes: slot.sink.dropped(),
+        }
+    }
 }
