@@ -356,7 +356,7 @@ def standalone_idle(idle: float) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="bench-standalone-") as tmp:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("CGSE", "PROJECT", "SITE_ID"))}
-        environ.update(PROCMAN_STATE_DIR=str(Path(tmp) / "state"), PROCMAN_LOG="info")
+        environ.update(XDG_STATE_HOME=str(Path(tmp) / "state"), PROCMAN_LOG="info")
         for port in (6120, 6121, 6122):
             wait_port_free(port)
         with open(Path(tmp) / "err", "wb") as err:

@@ -10,7 +10,7 @@ BIN=$(realpath "$1")
 IDLE=${2:-5}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-export PROCMAN_STATE_DIR=$WORK/state
+export XDG_STATE_HOME=$WORK/state  # the daemon keeps its state (supervisor.json, logs) under it
 cd "$WORK"
 "$BIN" start >"$WORK/log" 2>&1 &
 pid=$!

@@ -21,7 +21,7 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-export PROCMAN_STATE_DIR=$WORK/state
+export XDG_STATE_HOME=$WORK/state  # the daemon keeps its state (supervisor.json, logs) under it
 {
     echo "python: python3"
     echo "allowed_programs: []"

@@ -12,7 +12,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PROCMAN_REF_VENV:-$ROOT/.venv-ref}/bin/python
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-export PROCMAN_STATE_DIR=$WORK/state
+export XDG_STATE_HOME=$WORK/state  # the daemon keeps its state (supervisor.json, logs) under it
 cd "$WORK"
 for _ in $(seq "$N"); do
     "$BIN" start >"$WORK/log" 2>&1 &

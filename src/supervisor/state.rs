@@ -291,10 +291,12 @@ impl Persister {
     }
 
     /// The writer loop: `snapshot` is called without any lock held by us and returns the serialized state.
+    /// It runs on the blocking pool with the write: it takes the table's lock and reads `/proc`.
     pub(crate) async fn run<F>(self: Arc<Self>, snapshot: F, stop: tokio_util::sync::CancellationToken)
     where
-        F: Fn() -> Vec<u8> + Send + 'static,
+        F: Fn() -> Vec<u8> + Send + Sync + 'static,
     {
+        let snapshot = Arc::new(snapshot);
         let mut last_error: Option<String> = None;
         loop {
             let stopping = tokio::select! {
@@ -303,9 +305,9 @@ impl Persister {
             };
             let target = self.requested.load(Ordering::SeqCst);
             if target > *self.written.borrow() {
-                let bytes = snapshot();
                 let path = self.path.clone();
-                let result = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes)).await;
+                let snapshot = Arc::clone(&snapshot);
+                let result = tokio::task::spawn_blocking(move || write_atomic(&path, &snapshot())).await;
                 match result {
                     Ok(Ok(())) => last_error = None,
                     Ok(Err(e)) => {
