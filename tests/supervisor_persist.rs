@@ -249,3 +249,33 @@ async fn reused_pid_is_never_adopted() {
     assert_eq!((now.start_ticks, now.state == 'Z'), (real.start_ticks, false));
     guard.kill_all();
 }
+
+/// A wrapper that `exec`s its real program once it is RUNNING: the next save writes the command line it
+/// ends with (what a restarted supervisor compares), not the one read at the spawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_after_a_wrapper_execs_holds_its_new_command_line() {
+    let dir = TempDir::new("persist-wrapper");
+    let flag = dir.path().join("go");
+    // The child waits for the test's flag file (its own short polling), then becomes `sleep 1000.93`.
+    let script = r#"while [ ! -e "$0" ]; do sleep 0.01; done; exec sleep 1000.93"#;
+    let mut d = def("wrapped", &["sh", "-c", script, flag.to_str().unwrap()]);
+    d.autostart = true;
+    let cfg = config(dir.path());
+    let state_file = cfg.state_dir.join(STATE_FILE);
+    let h = Harness::start_with(dir, cfg, vec![d], None);
+    let pid = h.wait_state("wrapped", ProcessState::Running, T).await.pid.unwrap();
+    let saved_cmdline = || {
+        let text = std::fs::read_to_string(&state_file).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["processes"][0]["process"]["cmdline"].clone()
+    };
+    h.sup.flush_state().await;
+    assert_eq!(saved_cmdline()[0], "sh", "{}", saved_cmdline());
+    std::fs::write(&flag, b"").unwrap();
+    let execd = eventually(T, || sys::cmdline(pid).is_ok_and(|c| c == ["sleep", "1000.93"])).await;
+    assert!(execd, "the wrapper never exec'd: {:?}", sys::cmdline(pid));
+    h.sup.flush_state().await;
+    assert_eq!(saved_cmdline(), serde_json::json!(["sleep", "1000.93"]));
+    h.sup.shutdown(true).await;
+    h.guard.kill_all();
+}

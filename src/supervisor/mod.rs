@@ -177,8 +177,8 @@ pub(crate) struct Ctx {
     /// The `/proc` marker scans of every process, walked together.
     pub(crate) scans: Arc<scan::MarkerScans>,
     rng: Mutex<u64>,
-    /// Command lines that have stopped changing, by `(pid, start ticks)`: see [`Ctx::snapshot`].
-    settled_cmdlines: Mutex<HashMap<(i32, u64), Vec<String>>>,
+    /// The last command line read per `(pid, start ticks)`: see [`Ctx::snapshot`].
+    cmdlines: Mutex<HashMap<(i32, u64), CmdlineReading>>,
     closing: AtomicBool,
     apply_lock: tokio::sync::Mutex<()>,
     stop_writer: CancellationToken,
@@ -220,33 +220,33 @@ impl Ctx {
                 .collect()
         };
         // Outside the lock: `/proc` reads must not delay `list()`. A wrapper that `exec`s its real program
-        // changes its command line just after the spawn; once a process is CMDLINE_SETTLE_S old its last
-        // reading is kept, so a save costs no `/proc` reads for the settled ones (a burst of 100 starts
-        // made ~30 saves of 200 reads each).
+        // changes its command line just after the spawn, so a young process's is read at every save; once the
+        // process is CMDLINE_SETTLE_S old its last reading is final. Reading every process at every save made
+        // 100 running processes cost 200 `/proc` reads a save.
         let now = unix_now();
-        let mut settled = self.settled_cmdlines.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut seen = HashMap::with_capacity(processes.len());
+        let mut last = self.cmdlines.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut kept = HashMap::with_capacity(processes.len());
         for p in &mut processes {
             let age = p.start_time.map_or(f64::INFINITY, |t| now - t);
             p.process = p.process.take().map(|mut id| {
                 let key = (id.pid, id.start_ticks);
-                match settled.get(&key) {
-                    Some(c) => id.cmdline = c.clone(),
-                    None => {
+                let reading = match last.remove(&key) {
+                    Some(r) if r.settled => r,
+                    _ => {
                         id = refresh_cmdline(id);
-                        if age >= CMDLINE_SETTLE_S {
-                            seen.insert(key, id.cmdline.clone());
+                        CmdlineReading {
+                            cmdline: id.cmdline.clone(),
+                            settled: age >= CMDLINE_SETTLE_S,
                         }
                     }
-                }
-                if let Some(c) = settled.remove(&key) {
-                    seen.insert(key, c);
-                }
+                };
+                id.cmdline.clone_from(&reading.cmdline);
+                kept.insert(key, reading);
                 id
             });
         }
-        *settled = seen;
-        drop(settled);
+        *last = kept;
+        drop(last);
         let file = StateFile {
             version: state::STATE_VERSION,
             supervisor_pid: std::process::id() as i32,
@@ -369,7 +369,7 @@ impl Supervisor {
             scans: scan::MarkerScans::new(ID_ENV, OWNER_ENV, owner.clone()),
             owner,
             rng: Mutex::new(seed),
-            settled_cmdlines: Mutex::new(HashMap::new()),
+            cmdlines: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             apply_lock: tokio::sync::Mutex::new(()),
             stop_writer: CancellationToken::new(),
@@ -390,6 +390,13 @@ impl Supervisor {
 
 /// Age (s) after which a process's command line is taken as final by the state file.
 const CMDLINE_SETTLE_S: f64 = 2.0;
+
+/// One reading of a process's command line for the state file.
+struct CmdlineReading {
+    cmdline: Vec<String>,
+    /// Read when the process was old enough for it to be final.
+    settled: bool,
+}
 
 /// Re-reads the command line of a live process before saving it: a wrapper that `exec`s its real program
 /// after the spawn changes it, and a stale one would make the next supervisor refuse to re-adopt.
