@@ -388,7 +388,14 @@ impl Actor {
     fn on_stop_scan(&mut self, found: Vec<sys::ProcStat>) {
         let killed = self.stopping.as_ref().is_some_and(|s| s.killed);
         let signal = if killed { Signal::SIGKILL } else { self.def.stop_signal };
-        let survivors: Vec<i32> = found.iter().map(|p| p.pid).collect();
+        // Members of our own groups had the group's signal and are watched through the group; counting them
+        // here made a scan that ran before they died cost the stop another SCAN_INTERVAL.
+        let in_our_groups = |p: &sys::ProcStat| {
+            self.run
+                .as_ref()
+                .is_some_and(|r| r.identity.groups.contains(&p.pgrp) && r.identity.group_trusted(p.pgrp))
+        };
+        let survivors: Vec<i32> = found.iter().filter(|p| !in_our_groups(p)).map(|p| p.pid).collect();
         for pid in &survivors {
             let _ = sys::signal_pid(*pid, signal);
         }
