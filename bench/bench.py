@@ -54,6 +54,7 @@ PYCLIENT = REPO / "bench" / "pyclient.py"
 FAKE_DEVICE = REPO / "bench" / "fake_device.py"
 PM_CS = REPO / "target" / "release" / "pm_cs"
 WIRE_BENCH = REPO / "target" / "release" / "examples" / "wire_bench"
+SPAWN_FLOOR = REPO / "target" / "release" / "examples" / "spawn_floor"
 N_DEVICES = 10
 PROXYCLIENT = REPO / "bench" / "proxyclient.py"
 N_PROCS = 100
@@ -285,6 +286,14 @@ def pyclient(env: CgseEnv, spec: dict[str, Any], timeout: float = 300.0) -> dict
     return _client_script(ref_python(), PYCLIENT, env, spec, timeout, f"pyclient {spec['phase']}")
 
 
+def spawn_floor() -> dict[str, Any]:
+    """examples/spawn_floor: N_PROCS `sleep`s spawned one after the other with no daemon (its children reaped)."""
+    r = subprocess.run([str(SPAWN_FLOOR), str(N_PROCS)], capture_output=True, text=True, timeout=120, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"spawn_floor failed: {r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def wire_bench(port: int, *args: str, timeout: float = 120.0) -> dict[str, Any]:
     r = subprocess.run(
         [str(WIRE_BENCH), "--port", str(port), *args], capture_output=True, text=True, timeout=timeout, check=False
@@ -503,6 +512,7 @@ def measure_supervision(srv: Server, env: CgseEnv, cfg: argparse.Namespace, res:
     offset = err_log.stat().st_size
     res["supervisor_py"] = pyclient(env, {"phase": "sup_start", "list_n": cfg.calls, **sup})
     res["start_process_daemon"] = daemon_elapsed(err_log, "start_process", offset)
+    res["spawn_floor"] = spawn_floor()
     pyclient(env, {**level, "args": ["procman.server", 20]})
     wb, res["cpu_list_processes_rust_us"] = cpu_per_request(
         srv.pid,
@@ -644,6 +654,7 @@ SUP_ROWS: list[tuple[str, str | None, str | None, str, float, tuple[str, float] 
     (f"start {N_PROCS} → all RUNNING", "supervisor_py.start.all_running_ms", "start.all_running_ms", "ms", 1, ("<=", 100)),
     ("start: requests (procman: `start_process` per process; supervisord: one `startAllProcesses`; circus: `start` per watcher), until the last reply", "supervisor_py.start.calls_returned_ms", "start.calls_returned_ms", "ms", 1, None),
     ("start_process, time inside the daemon, p50", "start_process_daemon.p50_us", None, "ms", 1e-3, None),
+    (f"the machine's floor: {N_PROCS} `sleep`s spawned in a bare loop (examples/spawn_floor), until the last spawn returned", "spawn_floor.all_spawned_ms", None, "ms", 1, None),
     (f"status of {N_PROCS}, own CLI (`pm_cs ps` / `supervisorctl status` / `circusctl status`), p50", "status_cli.p50_us", "status_cli.p50_us", "ms", 1e-3, None),
     (f"status of {N_PROCS}, own Python client (ProcessManagerProxy / — / —), p50", "proxy.list_processes.p50_us", None, "ms", 1e-3, None),
     (f"status of {N_PROCS}, raw protocol from Python (pyzmq+pickle / XML-RPC `getAllProcessInfo` / ZeroMQ JSON `status`), p50", "supervisor_py.list_processes.p50_us", "status_raw.main.p50_us", "ms", 1e-3, None),
@@ -763,9 +774,11 @@ def main() -> int:
         print("bench.py: run it inside a private network namespace: " + COMMAND, file=sys.stderr)
         return 2
     if not cfg.no_build:
-        log("cargo build --release --bin pm_cs --example wire_bench")
+        log("cargo build --release --bin pm_cs --example wire_bench --example spawn_floor")
         subprocess.run(
-            ["cargo", "build", "--release", "--bin", "pm_cs", "--example", "wire_bench"], cwd=REPO, check=True
+            ["cargo", "build", "--release", "--bin", "pm_cs", "--example", "wire_bench", "--example", "spawn_floor"],
+            cwd=REPO,
+            check=True,
         )
     results: dict[str, Any] = {"command": COMMAND + (" --quick" if cfg.quick else ""), "machine": machine()}
     log(f"machine: {results['machine']}")
@@ -784,8 +797,8 @@ def main() -> int:
             "STATE_DIR": str(env.root / "procman-state"),
         }
         env.write_settings()
-        log(f"site {env.root}: starting registry, storage manager, configuration manager")
-        env.start_core(("registry", "sm", "cm"))
+        log(f"site {env.root}: starting registry, notify hub, storage manager, configuration manager")
+        env.start_core(("registry", "nh", "sm", "cm"))
         for kind in ("original", "ours"):
             if cfg.only and kind != cfg.only:
                 continue
