@@ -22,10 +22,7 @@ impl Handler for Minimal {
             match name.as_str() {
                 "stop_process" => Err(CommandError::Failed("refused".into())),
                 "set_monitoring_frequency" => Err(CommandError::Value("bad frequency".into())),
-                _ => Ok(Value::Tuple(
-                    bound.into_iter().map(|v| v.unwrap_or(Value::None)).collect(),
-                )
-                .into()),
+                _ => Ok(Value::Tuple(bound.into_iter().map(|v| v.unwrap_or(Value::None)).collect()).into()),
             }
         })
     }
