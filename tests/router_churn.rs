@@ -3,9 +3,10 @@
 //! daemon's memory grew by about 110 bytes per client connection, forever (vendor/zeromq/PATCHES.md, patch 3).
 //!
 //! Live heap bytes are counted by a global allocator during 17,000 connect / request / disconnect cycles
-//! against a ROUTER; their floor must not rise by more than 300 KiB (~27 B a connection) over 11,000 cycles
-//! (the leak raised it by ~95 B a connection, ~1 MB; the floor moves by ±120 KiB on a busy machine, as
-//! epoch-based reclamation frees late, whatever the number of connections).
+//! against a ROUTER; their floor must not rise by more than 512 KiB (~48 B a connection) over 11,000 cycles
+//! (the leak raised it by ~95 B a connection, ~1 MB; the floor moves without a leak, as epoch-based
+//! reclamation frees late, whatever the number of connections: by ±120 KiB on a busy machine, once by
+//! +305 KiB in ~300 runs at load average 7-8).
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -81,7 +82,7 @@ fn router_connections_leave_nothing_behind() {
     let growth = last - first;
     println!("live heap (bytes) after every 1,000 connections: {samples:?}; floor {first} -> {last} ({growth:+} B over 11,000 connections)");
     assert!(
-        growth < 300 * 1024,
+        growth < 512 * 1024,
         "11,000 connections left {growth} bytes behind (~{} B each)",
         growth / 11_000
     );

@@ -190,14 +190,15 @@ impl GenericSocketBackend {
     /// and does not read the replies) is disconnected and its queued replies are freed; waiting instead
     /// would hold every later reply to it, and the request slots they occupy.
     async fn send_to_peer_or_drop(&self, peer_id: &PeerIdentity, message: Message) -> ZmqResult<()> {
-        let result = match self.peers.get_async(peer_id).await {
+        // procman patch 12: sync map operations here too (nothing is awaited while the entry is held).
+        let result = match self.peers.get_sync(peer_id) {
             Some(mut peer) => peer.send_queue.try_send(message),
             None => return Err(ZmqError::Other("Destination client not found by identity")),
         };
         match result {
             Ok(()) => Ok(()),
             Err(error) if error.is_full() => {
-                if let Some((_, mut peer)) = self.peers.remove_async(peer_id).await {
+                if let Some((_, mut peer)) = self.peers.remove_sync(peer_id) {
                     if let Some(stop) = peer.writer_stop.take() {
                         let _ = stop.send(());
                     }
@@ -354,15 +355,16 @@ impl MultiPeerBackend for GenericSocketBackend {
         // procman patch 5: the bound is a setting (upstream: 100,000 messages).
         let (queue_sender, queue_receiver) = mpsc::channel(crate::limits::peer_send_queue());
         let (writer_stop, stop_receiver) = futures::channel::oneshot::channel::<()>();
-        self.peers
-            .upsert_async(
-                peer_id.clone(),
-                Peer {
-                    send_queue: queue_sender,
-                    writer_stop: Some(writer_stop),
-                },
-            )
-            .await;
+        // procman patch 12: the sync form. Under load, scc 3.8.8's `upsert_async` racing with the sync
+        // operations of other threads (a disconnect's `remove_sync`) was seen never to complete: the
+        // connection's handshake task hung and its peer never got an answer (1 connection in ~10^6).
+        self.peers.upsert_sync(
+            peer_id.clone(),
+            Peer {
+                send_queue: queue_sender,
+                writer_stop: Some(writer_stop),
+            },
+        );
         self.refresh_single_peer_cache();
         self.touch(peer_id);
         let writer_backend = self.clone();
