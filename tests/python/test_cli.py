@@ -346,13 +346,14 @@ def test_events_and_logs_follow_until_the_daemon_goes_away(ops: OpsDaemon, how: 
     # `-n 1` must show alpha's last line, so wait until it has printed all five.
     assert wait_until(lambda: "line 4" in cli(how, ops, "logs", "alpha").stdout, 30)
     out = ops.dir / f"events.{how}"
-    with open(out, "w") as f:
+    followed = ops.dir / f"follow.{how}"
+    with open(out, "w") as f, open(followed, "w") as g:
         events = subprocess.Popen(
             [*exe, "events", "--settings", str(ops.settings)], stdout=f, stderr=subprocess.PIPE, text=True
         )
         follow = subprocess.Popen(
             [*exe, "logs", "-f", "-n", "1", "alpha", "--settings", str(ops.settings)],
-            stdout=subprocess.PIPE,
+            stdout=g,
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -363,11 +364,14 @@ def test_events_and_logs_follow_until_the_daemon_goes_away(ops: OpsDaemon, how: 
             return wait_until(lambda: " beta RUNNING -> STOPPING" in out.read_text(), 3)
 
         assert wait_until(seen, 30)
+        # The follower prints its first line once it has asked the daemon: on a busy machine that can come
+        # after the events subscription is in place, and the daemon must still be there to answer.
+        assert wait_until(lambda: followed.read_text().startswith("line 4\n"), 30), followed.read_text()
         ops.stop()
         assert events.wait(30) == 1
         assert events.stderr is not None and "went away" in events.stderr.read()
         assert follow.wait(30) == 1
-        assert follow.stdout is not None and follow.stdout.read().startswith("line 4\n")
+        assert followed.read_text().startswith("line 4\n")
         assert follow.stderr is not None and "alpha" in follow.stderr.read()
     finally:
         for p in (events, follow):
