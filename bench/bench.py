@@ -286,21 +286,21 @@ def pyclient(env: CgseEnv, spec: dict[str, Any], timeout: float = 300.0) -> dict
     return _client_script(ref_python(), PYCLIENT, env, spec, timeout, f"pyclient {spec['phase']}")
 
 
+def _run_example(example: Path, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Run one of our example binaries; the JSON object on its last stdout line."""
+    r = subprocess.run([str(example), *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"{example.name} failed: {r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def spawn_floor() -> dict[str, Any]:
     """examples/spawn_floor: N_PROCS `sleep`s spawned one after the other with no daemon (its children reaped)."""
-    r = subprocess.run([str(SPAWN_FLOOR), str(N_PROCS)], capture_output=True, text=True, timeout=120, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"spawn_floor failed: {r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _run_example(SPAWN_FLOOR, str(N_PROCS))
 
 
 def wire_bench(port: int, *args: str, timeout: float = 120.0) -> dict[str, Any]:
-    r = subprocess.run(
-        [str(WIRE_BENCH), "--port", str(port), *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"wire_bench failed: {r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return _run_example(WIRE_BENCH, "--port", str(port), *args, timeout=timeout)
 
 
 def proxyclient(python: str, env: CgseEnv, spec: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:

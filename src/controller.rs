@@ -675,6 +675,7 @@ impl Controller {
         w.finish()
     }
 
+    /// The table commands answered with a value (`list_processes` is answered in `handle`: it writes its own pickle).
     async fn call(&self, call: Call) -> Result<Value, CommandError> {
         match call.name.as_str() {
             "get_core_processes" => {
