@@ -730,8 +730,10 @@ impl Actor {
         }
     }
 
-    /// Forgets the process: event, table row, FIFOs.
+    /// Forgets the process: FIFOs, then table row and event. The FIFOs go first so that whoever sees the row
+    /// gone (a client, a test) never finds them still on disk.
     fn remove(&mut self) {
+        self.sink.close(true);
         self.backoff_at = None;
         self.gate = None;
         if let Some(l) = self.leftovers.take() {
@@ -755,7 +757,6 @@ impl Actor {
             });
         }
         self.ctx.persister.dirty();
-        self.sink.close(true);
         self.finished = true;
     }
 
