@@ -279,3 +279,44 @@ async fn a_save_after_a_wrapper_execs_holds_its_new_command_line() {
     h.sup.shutdown(true).await;
     h.guard.kill_all();
 }
+
+/// A wrapper that `exec`s soon after its spawn: its state machine reads the command line again, and the
+/// state file gets the new one without anyone asking for a flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapper_exec_reaches_the_state_file_without_a_flush() {
+    let dir = TempDir::new("persist-exec");
+    let flag = dir.path().join("go");
+    let script = r#"while [ ! -e "$0" ]; do sleep 0.01; done; exec sleep 1000.94"#;
+    let mut d = def("wrapped", &["sh", "-c", script, flag.to_str().unwrap()]);
+    d.autostart = true;
+    let cfg = config(dir.path());
+    let state_file = cfg.state_dir.join(STATE_FILE);
+    let h = Harness::start_with(dir, cfg, vec![d], None);
+    let pid = h.wait_state("wrapped", ProcessState::Running, T).await.pid.unwrap();
+    let spawned = std::time::Instant::now();
+    let saved_cmdline = || {
+        std::fs::read_to_string(&state_file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .map(|v| v["processes"][0]["process"]["cmdline"].clone())
+    };
+    std::fs::write(&flag, b"").unwrap();
+    let execd = eventually(T, || sys::cmdline(pid).is_ok_and(|c| c == ["sleep", "1000.94"])).await;
+    assert!(execd, "the wrapper never exec'd: {:?}", sys::cmdline(pid));
+    // The last re-reading is 2 s after the spawn: an exec after it is only seen by a flush.
+    if spawned.elapsed() < Duration::from_millis(1500) {
+        let new = Some(serde_json::json!(["sleep", "1000.94"]));
+        assert!(
+            eventually(T, || saved_cmdline() == new).await,
+            "state file still holds {:?}",
+            saved_cmdline()
+        );
+    } else {
+        println!(
+            "the exec came {:?} after RUNNING, later than the re-readings; not judged",
+            spawned.elapsed()
+        );
+    }
+    h.sup.shutdown(true).await;
+    h.guard.kill_all();
+}

@@ -52,7 +52,7 @@ mod scan;
 pub mod state;
 pub mod sys;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -177,8 +177,6 @@ pub(crate) struct Ctx {
     /// The `/proc` marker scans of every process, walked together.
     pub(crate) scans: Arc<scan::MarkerScans>,
     rng: Mutex<u64>,
-    /// The last command line read per `(pid, start ticks)`: see [`Ctx::snapshot`].
-    cmdlines: Mutex<HashMap<(i32, u64), CmdlineReading>>,
     closing: AtomicBool,
     apply_lock: tokio::sync::Mutex<()>,
     stop_writer: CancellationToken,
@@ -200,8 +198,8 @@ impl Ctx {
         (x >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// The state file contents for the current table.
-    fn snapshot(&self) -> Vec<u8> {
+    /// The state file contents for the current table; `fresh` re-reads the command lines.
+    fn snapshot(&self, fresh: bool) -> Vec<u8> {
         let mut processes: Vec<SavedProcess> = {
             let table = self.table();
             table
@@ -219,34 +217,14 @@ impl Ctx {
                 })
                 .collect()
         };
-        // Outside the lock: `/proc` reads must not delay `list()`. A wrapper that `exec`s its real program
-        // changes its command line just after the spawn, so a young process's is read at every save; once the
-        // process is CMDLINE_SETTLE_S old its last reading is final. Reading every process at every save made
-        // 100 running processes cost 200 `/proc` reads a save.
-        let now = unix_now();
-        let mut last = self.cmdlines.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut kept = HashMap::with_capacity(processes.len());
-        for p in &mut processes {
-            let age = p.start_time.map_or(f64::INFINITY, |t| now - t);
-            p.process = p.process.take().map(|mut id| {
-                let key = (id.pid, id.start_ticks);
-                let reading = match last.remove(&key) {
-                    Some(r) if r.settled => r,
-                    _ => {
-                        id = refresh_cmdline(id);
-                        CmdlineReading {
-                            cmdline: id.cmdline.clone(),
-                            settled: age >= CMDLINE_SETTLE_S,
-                        }
-                    }
-                };
-                id.cmdline.clone_from(&reading.cmdline);
-                kept.insert(key, reading);
-                id
-            });
+        // Outside the lock: `/proc` reads must not delay `list()`. Each state machine re-reads its new
+        // process's command line after the spawn (a wrapper may `exec`); a flush reads them all once more,
+        // for an `exec` newer than that.
+        if fresh {
+            for p in &mut processes {
+                p.process = p.process.take().map(refresh_cmdline);
+            }
         }
-        *last = kept;
-        drop(last);
         let file = StateFile {
             version: state::STATE_VERSION,
             supervisor_pid: std::process::id() as i32,
@@ -369,7 +347,6 @@ impl Supervisor {
             scans: scan::MarkerScans::new(ID_ENV, OWNER_ENV, owner.clone()),
             owner,
             rng: Mutex::new(seed),
-            cmdlines: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             apply_lock: tokio::sync::Mutex::new(()),
             stop_writer: CancellationToken::new(),
@@ -378,7 +355,7 @@ impl Supervisor {
         tokio::spawn(
             ctx.persister
                 .clone()
-                .run(move || writer_ctx.snapshot(), ctx.stop_writer.clone()),
+                .run(move |fresh| writer_ctx.snapshot(fresh), ctx.stop_writer.clone()),
         );
         for (def, initial, transient) in plan {
             ctx.add_process(def, initial, transient)?;
@@ -386,16 +363,6 @@ impl Supervisor {
         ctx.persister.dirty();
         Ok(SupervisorHandle { ctx })
     }
-}
-
-/// Age (s) after which a process's command line is taken as final by the state file.
-const CMDLINE_SETTLE_S: f64 = 2.0;
-
-/// One reading of a process's command line for the state file.
-struct CmdlineReading {
-    cmdline: Vec<String>,
-    /// Read when the process was old enough for it to be final.
-    settled: bool,
 }
 
 /// Re-reads the command line of a live process before saving it: a wrapper that `exec`s its real program

@@ -2,8 +2,9 @@
 //!
 //! `<state_dir>/supervisor.json` holds, per process, the definition in effect, the desired state, and the
 //! identity of the running process: pid, process group(s), start time (field 22 of `/proc/<pid>/stat`, in clock
-//! ticks since boot) and command line. It is rewritten after every transition by one writer task (coalescing
-//! bursts), atomically: write a temporary file, fsync it, rename it over the old one, fsync the directory.
+//! ticks since boot) and command line. It is rewritten after every transition by one writer task (a burst of
+//! transitions is one write every 10 ms), atomically: write a temporary file, fsync it, rename it over the old
+//! one, fsync the directory.
 //!
 //! A new supervisor re-adopts a process only if pid, start time and command line all still match; a pid that
 //! was reused by another process fails the start-time check and is never signalled.
@@ -258,12 +259,20 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// The least time between two writes of the state file that no flush waits for.
+const MIN_WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Coalescing writer: transitions mark the state dirty; one task writes the newest snapshot.
 pub(crate) struct Persister {
     path: PathBuf,
     requested: AtomicU64,
+    /// The newest request made by a [`Persister::flush`]: its write re-reads `/proc` (a fresh snapshot).
+    fresh_requested: AtomicU64,
     wake: Notify,
-    written: watch::Sender<u64>,
+    /// Wakes the writer out of its pause between two writes: a flush does not wait.
+    flush_wake: Notify,
+    /// The newest request written, and the newest written with a fresh snapshot.
+    written: watch::Sender<(u64, u64)>,
 }
 
 impl Persister {
@@ -271,8 +280,10 @@ impl Persister {
         Arc::new(Persister {
             path,
             requested: AtomicU64::new(0),
+            fresh_requested: AtomicU64::new(0),
             wake: Notify::new(),
-            written: watch::Sender::new(0),
+            flush_wake: Notify::new(),
+            written: watch::Sender::new((0, 0)),
         })
     }
 
@@ -282,32 +293,52 @@ impl Persister {
         self.wake.notify_one();
     }
 
-    /// Waits until a write that started after this call has finished.
+    /// Waits until a write with a fresh snapshot, started after this call, has finished.
     pub(crate) async fn flush(&self) {
         let target = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        self.fresh_requested.fetch_max(target, Ordering::SeqCst);
         self.wake.notify_one();
+        self.flush_wake.notify_one();
         let mut rx = self.written.subscribe();
-        let _ = rx.wait_for(|w| *w >= target).await;
+        let _ = rx.wait_for(|w| w.1 >= target).await;
     }
 
-    /// The writer loop: `snapshot` is called without any lock held by us and returns the serialized state.
-    /// It runs on the blocking pool with the write: it takes the table's lock and reads `/proc`.
+    /// The writer loop: `snapshot` is called without any lock held by us and returns the serialized state;
+    /// its argument says a flush is waiting (re-read `/proc`). It runs on the blocking pool with the write.
     pub(crate) async fn run<F>(self: Arc<Self>, snapshot: F, stop: tokio_util::sync::CancellationToken)
     where
-        F: Fn() -> Vec<u8> + Send + Sync + 'static,
+        F: Fn(bool) -> Vec<u8> + Send + Sync + 'static,
     {
         let snapshot = Arc::new(snapshot);
         let mut last_error: Option<String> = None;
+        let mut last_write: Option<tokio::time::Instant> = None;
         loop {
-            let stopping = tokio::select! {
+            let mut stopping = tokio::select! {
                 _ = self.wake.notified() => false,
                 _ = stop.cancelled() => true,
             };
+            // A burst of transitions (100 starts) is one write every MIN_WRITE_INTERVAL, not one per transition:
+            // each write serializes the whole table and syncs it to disk. A flush does not wait.
+            let flush_waiting = || self.fresh_requested.load(Ordering::SeqCst) > self.written.borrow().1;
+            if let Some(due) = last_write.map(|t| t + MIN_WRITE_INTERVAL) {
+                if !stopping && !flush_waiting() {
+                    stopping = tokio::select! {
+                        () = tokio::time::sleep_until(due) => false,
+                        _ = self.flush_wake.notified() => false,
+                        _ = stop.cancelled() => true,
+                    };
+                }
+            }
+            // A flush seen here has its request counted in `target` (it counts before it asks for fresh).
+            let fresh_wanted = self.fresh_requested.load(Ordering::SeqCst);
             let target = self.requested.load(Ordering::SeqCst);
-            if target > *self.written.borrow() {
+            let (written, fresh_written) = *self.written.borrow();
+            let fresh = fresh_wanted > fresh_written;
+            if target > written || fresh {
+                last_write = Some(tokio::time::Instant::now());
                 let path = self.path.clone();
                 let snapshot = Arc::clone(&snapshot);
-                let result = tokio::task::spawn_blocking(move || write_atomic(&path, &snapshot())).await;
+                let result = tokio::task::spawn_blocking(move || write_atomic(&path, &snapshot(fresh))).await;
                 match result {
                     Ok(Ok(())) => last_error = None,
                     Ok(Err(e)) => {
@@ -320,7 +351,8 @@ impl Persister {
                     Err(e) => tracing::error!(error = %e, "state writer task failed"),
                 }
                 // Marked written even on error, so `flush` never hangs; the error is logged.
-                self.written.send_replace(target);
+                self.written
+                    .send_replace((target, if fresh { target } else { fresh_written }));
             }
             if stopping {
                 break;

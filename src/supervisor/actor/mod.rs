@@ -159,7 +159,20 @@ pub(crate) struct Actor {
     scan_for: Option<ScanFor>,
     /// During a stop: the last marker scan found nothing left (reset whenever a scan finds survivors).
     stop_clean: bool,
+    /// The next re-reading of the running process's command line, as an index into [`CMDLINE_CHECKS`].
+    cmdline_check: Option<(Instant, usize)>,
 }
+
+/// When (after the spawn) the command line of a new process is read again. A wrapper that `exec`s its real
+/// program changes it, and the state file must hold the new one: the next supervisor compares it before
+/// re-adopting. One reading each, by the process's own state machine: reading every young process at every
+/// state-file save cost 200 `/proc` reads a save while 100 processes started.
+const CMDLINE_CHECKS: [Duration; 4] = [
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
 
 /// The record of a process before its state machine has run.
 pub(crate) fn initial_record(def: &ProcessDefinition, sink: &LogSink) -> ProcessRecord {
@@ -293,6 +306,7 @@ impl Actor {
             scan: None,
             scan_for: None,
             stop_clean: false,
+            cmdline_check: None,
         }
     }
 
@@ -463,18 +477,40 @@ impl Actor {
         self.state = new;
         tracing::debug!(id = %self.id, %old, %new, pid = ?event_pid, "transition");
         self.publish(Some(old), event_pid, exit);
-        if new == ProcessState::Running {
-            // One more save once the program has settled, to record a command line changed by a late exec.
-            let persister = self.ctx.persister.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                persister.dirty();
-            });
-        }
     }
 
     fn run_pid(&self) -> Option<i32> {
         self.run.as_ref().map(|r| r.identity.pid)
+    }
+
+    /// Plans the re-readings of the command line of a process just spawned (see [`CMDLINE_CHECKS`]).
+    fn plan_cmdline_checks(&mut self, spawned: Instant) {
+        self.cmdline_check = Some((spawned + CMDLINE_CHECKS[0], 0));
+    }
+
+    /// Reads the command line again; a changed one goes to the table and the state file.
+    fn check_cmdline(&mut self) {
+        let Some((_, i)) = self.cmdline_check.take() else {
+            return;
+        };
+        let Some(run) = &mut self.run else {
+            return;
+        };
+        if let Some(next) = CMDLINE_CHECKS.get(i + 1) {
+            self.cmdline_check = Some((run.started + *next, i + 1));
+        }
+        let id = &mut run.identity;
+        if !sys::same_process(id.pid, id.start_ticks) {
+            return;
+        }
+        match sys::cmdline(id.pid) {
+            Ok(c) if !c.is_empty() && c != id.cmdline => {
+                tracing::debug!(id = %self.id, cmdline = ?c, "command line changed since the spawn");
+                id.cmdline = c;
+                self.publish(None, None, None);
+            }
+            _ => {}
+        }
     }
 
     // ----- start-up ----------------------------------------------------------------------------------------
@@ -773,6 +809,7 @@ impl Actor {
             self.probe_at,
             stop.flatten(),
             self.leftovers.as_ref().map(|l| l.kill_at),
+            self.cmdline_check.map(|(at, _)| at),
         ])
     }
 
@@ -792,6 +829,9 @@ impl Actor {
         if let Some(st) = &mut self.stopping {
             st.next_poll = None;
             self.tick_stopping(now);
+        }
+        if self.cmdline_check.is_some_and(|(at, _)| at <= now) {
+            self.check_cmdline();
         }
         if self.leftovers.as_ref().is_some_and(|l| l.kill_at <= now) {
             if let Some(l) = self.leftovers.take() {

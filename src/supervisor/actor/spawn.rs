@@ -119,6 +119,7 @@ impl Actor {
                     exit: None,
                 });
                 self.last_start_time = Some(start_time);
+                self.plan_cmdline_checks(now);
                 // `last_exit` is kept: the record shows how the previous run ended while the next one runs.
                 self.ready = None;
                 self.adopted = false;
