@@ -348,7 +348,7 @@ def _supervisor_setup(spec: dict[str, Any]) -> tuple[zmq.Context, Client, Events
     ctx = zmq.Context()
     c = Client(ctx, spec["cmd_port"])
     ev = Events(ctx, spec["mon_port"])
-    ids = spec["ids"] + [spec["crash_id"]]
+    ids = spec["ids"] + ([spec["crash_id"]] if "crash_id" in spec else [])
     start_req = {i: c.table_request("start_process", StartCommand(i, "", [], False)) for i in ids}
     stop_req = {i: c.table_request("stop_process", StopCommand(i, [], "")) for i in ids}
     time.sleep(0.3)  # let the SUB connect before the first event
@@ -424,6 +424,43 @@ def phase_sup_crash_stop(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def phase_sup_start_rounds(spec: dict[str, Any]) -> dict[str, Any]:
+    """For bench/profile.sh: ``rounds`` × (start N → all RUNNING, stop N → all STOPPED), with a profiler told
+    through its control FIFO (``perf record --control fifo:ctl,ack``) to record the starts only."""
+    ctx, c, ev, start_req, stop_req = _supervisor_setup(spec)
+    ids: list[str] = spec["ids"]
+    idset = set(ids)
+
+    def control(word: str) -> None:
+        if spec.get("ctl"):
+            with open(spec["ctl"], "w") as ctl:
+                ctl.write(word + "\n")
+            with open(spec["ack"]) as ack:
+                ack.readline()
+
+    running, returned = [], []
+    for _ in range(spec.get("rounds", 5)):
+        ev.drain()
+        control("enable")
+        t0 = time.perf_counter()
+        bad = sum(is_failure(c.raw(start_req[i])) for i in ids)
+        t_ret = time.perf_counter()
+        t_last, _ = ev.wait(lambda e: e["id"] in idset and e["new_state"] == "RUNNING", len(ids))
+        control("disable")
+        if bad:
+            raise RuntimeError(f"{bad} start_process calls failed")
+        running.append(t_last - t0)
+        returned.append(t_ret - t0)
+        ev.drain()
+        for i in ids:
+            c.raw(stop_req[i])
+        ev.wait(lambda e: e["id"] in idset and e["new_state"] == "STOPPED", len(ids))
+    ev.sock.close(0)
+    c.close()
+    ctx.term()
+    return {"all_running": stats(running), "calls_returned": stats(returned)}
+
+
 def phase_table_call(spec: dict[str, Any]) -> dict[str, Any]:
     """One table command with arguments (e.g. the service port's ``set_logging_level``); its reply's repr."""
     ctx = zmq.Context()
@@ -444,6 +481,7 @@ PHASES = {
     "stop_processes": phase_stop_processes,
     "sup_start": phase_sup_start,
     "sup_crash_stop": phase_sup_crash_stop,
+    "sup_start_rounds": phase_sup_start_rounds,
     "table_call": phase_table_call,
 }
 
