@@ -1,12 +1,17 @@
-//! Logging: `tracing` to stderr, with a filter that `set_logging_level` can change while running.
+//! Logging: `tracing` to stderr (written by a thread of its own), with a filter that `set_logging_level` can change while running.
 //!
 //! CGSE clients name Python loggers (`egse.procman`, `all`) and Python levels (10 = DEBUG …). We map
 //! those onto our tracing targets, so the original `ServiceProxy.set_logging_level` keeps working.
 
 use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
@@ -121,10 +126,158 @@ impl LogControl for ReloadControl {
     }
 }
 
+/// Lines a stuck log output may hold back before more are dropped (and counted).
+const QUEUE_LINES: usize = 1024;
+
+/// A message to the writer, with the number of lines dropped before it was queued: the writer reports drops
+/// where they happened, after the lines queued before them.
+enum Queued {
+    Line(Vec<u8>, u64),
+    Flush(SyncSender<()>, u64),
+}
+
+/// Log lines on their way to an output written by a thread of its own: a log call never waits for the output
+/// (stderr may be a pipe nobody reads, or a file on a full or slow disk), so it never blocks a runtime thread.
+/// When the output falls more than [`QUEUE_LINES`] behind, lines are dropped and counted; the writer says how
+/// many before its next line.
+pub struct LineQueue {
+    tx: SyncSender<Queued>,
+    dropped: AtomicU64,
+}
+
+impl LineQueue {
+    /// Starts the writer thread for `out`.
+    ///
+    /// # Errors
+    /// The thread cannot be created.
+    pub fn spawn<W: Write + Send + 'static>(out: W, capacity: usize) -> io::Result<Self> {
+        let (tx, rx) = sync_channel(capacity.max(1));
+        std::thread::Builder::new()
+            .name("procman-log".into())
+            .spawn(move || write_lines(&rx, out))?;
+        Ok(LineQueue {
+            tx,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    fn push(&self, line: Vec<u8>) {
+        let before = self.dropped.load(Ordering::Relaxed);
+        if self.tx.try_send(Queued::Line(line, before)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Lines dropped so far because the output could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits, at most `timeout`, until every line queued before the call is written. False on timeout.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (done_tx, done_rx) = sync_channel(1);
+        let mut msg = Queued::Flush(done_tx, self.dropped());
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return false,
+            }
+        }
+        done_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    }
+}
+
+fn write_lines<W: Write>(rx: &Receiver<Queued>, mut out: W) {
+    let mut reported = 0;
+    while let Ok(msg) = rx.recv() {
+        let (Queued::Line(_, now) | Queued::Flush(_, now)) = msg;
+        if now > reported {
+            let _ = writeln!(
+                out,
+                "procman: {} log lines dropped: the log output did not keep up",
+                now - reported
+            );
+            reported = now;
+        }
+        match msg {
+            Queued::Line(line, _) => {
+                let _ = out.write_all(&line);
+            }
+            Queued::Flush(done, _) => {
+                let _ = out.flush();
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// One log event's text, queued as one line when the formatter is done with it.
+pub struct QueuedLine<'a> {
+    queue: &'a LineQueue,
+    buf: Vec<u8>,
+}
+
+impl Write for QueuedLine<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for QueuedLine<'_> {
+    fn drop(&mut self) {
+        if !self.buf.is_empty() {
+            self.queue.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for LineQueue {
+    type Writer = QueuedLine<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        QueuedLine {
+            queue: self,
+            buf: Vec::with_capacity(160),
+        }
+    }
+}
+
+/// The process-wide queue as a writer the subscriber can own.
+struct StaticQueue(&'static LineQueue);
+
+impl<'a> MakeWriter<'a> for StaticQueue {
+    type Writer = QueuedLine<'static>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.0.make_writer()
+    }
+}
+
+static STDERR_QUEUE: OnceLock<Option<LineQueue>> = OnceLock::new();
+
+/// Waits, at most `timeout`, until the log lines so far are on stderr (before the process exits).
+pub fn flush(timeout: Duration) {
+    if let Some(Some(q)) = STDERR_QUEUE.get() {
+        q.flush(timeout);
+    }
+}
+
 static CONTROL: OnceLock<Arc<dyn LogControl>> = OnceLock::new();
 
-/// Install the global subscriber once (stderr, filter from `PROCMAN_LOG`, then `RUST_LOG`, else
-/// `info`), and return its control. Later calls return the same control.
+/// Install the global subscriber once (stderr through a [`LineQueue`], filter from `PROCMAN_LOG`, then
+/// `RUST_LOG`, else `info`), and return its control. Later calls return the same control.
 pub fn init() -> Arc<dyn LogControl> {
     CONTROL
         .get_or_init(|| {
@@ -136,10 +289,13 @@ pub fn init() -> Arc<dyn LogControl> {
             let (layer, handle) = reload::Layer::new(filter);
             // Colours only for a terminal: `pm_cs start-bg` sends stderr to a log file.
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let fmt = fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(true)
-                .with_ansi(ansi);
+            // Through the writer thread; straight to stderr only if that thread cannot be created.
+            let queue = STDERR_QUEUE.get_or_init(|| LineQueue::spawn(io::stderr(), QUEUE_LINES).ok());
+            let writer = match queue {
+                Some(q) => BoxMakeWriter::new(StaticQueue(q)),
+                None => BoxMakeWriter::new(io::stderr),
+            };
+            let fmt = fmt::layer().with_writer(writer).with_target(true).with_ansi(ansi);
             // Another subscriber may already be installed (an embedding application): then our
             // control still records levels but cannot change that subscriber.
             // The same filter decides for the CGSE Logger (`cgse::logger`), which forwards once the daemon
@@ -203,6 +359,62 @@ mod tests {
             tracing::warn!(target: "procman::daemon", "third");
             assert!(!text().contains("third"));
         });
+    }
+
+    /// An output that takes nothing until the test lets it.
+    #[derive(Clone)]
+    struct Gated {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        got: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (lock, cv) = &*self.open;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            self.got.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A stuck output never holds up the logging thread: lines beyond the queue are dropped and counted,
+    /// and the count is written once the output moves again, before the lines that follow.
+    #[test]
+    fn a_stuck_output_drops_lines_instead_of_blocking() {
+        let out = Gated {
+            open: Arc::new((Mutex::new(false), std::sync::Condvar::new())),
+            got: Arc::new(Mutex::new(Vec::new())),
+        };
+        let queue = LineQueue::spawn(out.clone(), 4).unwrap();
+        for i in 0..20 {
+            let mut w = queue.make_writer();
+            writeln!(w, "line {i}").unwrap();
+        }
+        // One line may be in the writer's hands, four in the queue: at least 15 dropped.
+        assert!(queue.dropped() >= 15, "dropped {}", queue.dropped());
+        assert!(
+            !queue.flush(Duration::from_millis(50)),
+            "a flush cannot finish while the output is stuck"
+        );
+        *out.open.0.lock().unwrap() = true;
+        out.open.1.notify_all();
+        assert!(queue.flush(Duration::from_secs(30)));
+        {
+            let mut w = queue.make_writer();
+            writeln!(w, "after").unwrap();
+        }
+        assert!(queue.flush(Duration::from_secs(30)));
+        let text = String::from_utf8(out.got.lock().unwrap().clone()).unwrap();
+        assert!(text.starts_with("line 0\n"), "{text}");
+        let notice = text.find("log lines dropped").expect("a drop notice");
+        assert!(notice < text.find("after").unwrap(), "{text}");
+        assert!(!text.contains("line 19"), "{text}");
     }
 
     #[test]

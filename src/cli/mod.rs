@@ -94,11 +94,20 @@ pub async fn start(settings: Option<&Path>) -> Result<u8, CliError> {
 /// does, with the caller choosing the stop condition (the Python `serve()` adds Ctrl-C).
 pub async fn start_until(settings: Option<&Path>, stop: impl std::future::Future<Output = ()>) -> Result<u8, CliError> {
     let log = crate::logging::init();
-    let config = DaemonConfig::load(settings)?;
-    let integrations = crate::assemble::integrations(&config).await?;
-    daemon::run(config, integrations, log, stop).await?;
-    Ok(0)
+    let result = async {
+        let config = DaemonConfig::load(settings)?;
+        let integrations = crate::assemble::integrations(&config).await?;
+        daemon::run(config, integrations, log, stop).await?;
+        Ok(0)
+    }
+    .await;
+    // The last lines (the shutdown's) are on stderr before the process exits.
+    let _ = tokio::task::spawn_blocking(|| crate::logging::flush(LOG_FLUSH_TIMEOUT)).await;
+    result
 }
+
+/// How long an exiting daemon waits for its log lines to be written.
+const LOG_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The file `start-bg` sends the daemon's output to, inside the log location (as the Python CLI).
 pub const START_BG_LOG: &str = "pm_cs.start-bg.log";

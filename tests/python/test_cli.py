@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -144,6 +145,44 @@ def test_start_in_the_foreground_stops_on_a_signal(no_daemon: Ports, sig: signal
         stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_stderr_nobody_reads_never_stops_the_daemon(no_daemon: Ports) -> None:
+    """The daemon logs through a thread of its own: with stderr a pipe nobody reads (a parent that never drains
+    it), the pipe fills and lines are dropped, but requests keep being answered. At DEBUG every request is
+    logged, so 3,000 requests write several times the 64 KiB a pipe holds."""
+    import zmq
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "egse.procman.procman_cs", "start"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=SESSION_DIR,
+        env={**os.environ, "PROCMAN_LOG": "debug"},
+    )
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        assert wait_until(lambda: proc.poll() is not None or is_active(PORTS.commanding), 20)
+        assert proc.poll() is None
+        sock.connect(f"tcp://127.0.0.1:{PORTS.commanding}")
+        ping = pickle.dumps("Ping", protocol=4)
+        for i in range(3000):
+            sock.send(ping)
+            assert sock.poll(10_000), f"no reply to request {i}: the daemon is stuck on its log output"
+            assert pickle.loads(sock.recv()) == "Pong"
+        assert proc.stderr is not None
+        os.set_blocking(proc.stderr.fileno(), False)
+        held = proc.stderr.read() or b""
+        assert len(held) >= 60_000, f"only {len(held)} bytes of log: the pipe never filled, nothing was tested"
+    finally:
+        sock.close(0)
+        ctx.term()
+        stop_process(proc)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def test_start_fails_readably_when_a_port_is_taken(no_daemon: Ports) -> None:
