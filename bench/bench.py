@@ -55,6 +55,8 @@ FAKE_DEVICE = REPO / "bench" / "fake_device.py"
 PM_CS = REPO / "target" / "release" / "pm_cs"
 WIRE_BENCH = REPO / "target" / "release" / "examples" / "wire_bench"
 SPAWN_FLOOR = REPO / "target" / "release" / "examples" / "spawn_floor"
+RTT_FLOOR = REPO / "target" / "release" / "examples" / "rtt_floor"
+EXAMPLES = ("wire_bench", "spawn_floor", "rtt_floor")
 N_DEVICES = 10
 PROXYCLIENT = REPO / "bench" / "proxyclient.py"
 N_PROCS = 100
@@ -299,6 +301,11 @@ def spawn_floor() -> dict[str, Any]:
     return _run_example(SPAWN_FLOOR, str(N_PROCS))
 
 
+def rtt_floor(n: int) -> dict[str, Any]:
+    """examples/rtt_floor: ``n`` loopback TCP round trips between two threads, no server: the machine's own tail."""
+    return _run_example(RTT_FLOOR, str(n))
+
+
 def wire_bench(port: int, *args: str, timeout: float = 120.0) -> dict[str, Any]:
     return _run_example(WIRE_BENCH, "--port", str(port), *args, timeout=timeout)
 
@@ -458,6 +465,8 @@ def measure(kind: str, env: CgseEnv, cfg: argparse.Namespace) -> dict[str, Any]:
             lambda r: r["ping"]["n"] + r["ping"]["errors"] + 50,
         )
         res["ping_rust"] = wb["ping"]
+        # The same number of round trips with no server at all, right after: what the machine adds to the tail.
+        res["rtt_floor"] = rtt_floor(cfg.ping)
         wb, res["cpu_throughput_rust_us"] = cpu_per_request(
             srv.pid,
             lambda: wire_bench(p.pm_cmd, "--ping", "0", "--clients", "8", "--duration", str(cfg.duration)),
@@ -599,7 +608,8 @@ def _get(d: dict[str, Any], path: str) -> Any:
     return d
 
 
-# (label, path, unit, scale, better: "lower"/"higher", target for ours as (op, value) or None). Targets: issue #11.
+# (label, path, unit, scale, better: "lower"/"higher" ("floor": the machine's, no ratio), target for ours as
+# (op, value) or None). Targets: issue #11.
 MB = 1024 / 1e6
 ROWS: list[tuple[str, str, str, float, str, tuple[str, float] | None]] = [
     ("start-up: spawn → first Pong (median of starts)", "startup_ms.median", "ms", 1, "lower", ("<=", 20)),
@@ -616,6 +626,9 @@ ROWS: list[tuple[str, str, str, float, str, tuple[str, float] | None]] = [
     ("Ping p99 (Rust client)", "ping_rust.p99_us", "µs", 1, "lower", ("<", 1000)),
     ("Ping p99.9 (Rust client)", "ping_rust.p999_us", "µs", 1, "lower", ("<=", 1000)),
     ("Ping max (Rust client)", "ping_rust.max_us", "µs", 1, "lower", ("<=", 1000)),
+    ("the machine's floor, measured right after: as many loopback TCP round trips between two threads, no server (examples/rtt_floor), p99.9", "rtt_floor.p999_us", "µs", 1, "floor", None),
+    ("the machine's floor: max of those round trips", "rtt_floor.max_us", "µs", 1, "floor", None),
+    ("the machine's floor: round trips over 1 ms", "rtt_floor.over_1ms", "", 1, "floor", None),
     ("Ping requests/s, one socket (Rust client)", "ping_rust.rps", "req/s", 1, "higher", None),
     ("server CPU per Ping, sequential (Rust client)", "cpu_ping_rust_us", "µs", 1, "lower", ("<=", 12)),
     ("8 concurrent clients, requests/s (Python clients)", "throughput_py.rps", "req/s", 1, "higher", (">=", 20000)),
@@ -705,7 +718,7 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         o = None if o is None else o * scale
         u = None if u is None else u * scale
         ratio = None
-        if o and u:
+        if o and u and better in ("lower", "higher"):
             ratio = o / u if better == "lower" else u / o
         met = _met(u, target)
         rows.append({"measure": label, "unit": unit, "original": o, "ours": u, "ratio": ratio, "met": met})
@@ -774,9 +787,9 @@ def main() -> int:
         print("bench.py: run it inside a private network namespace: " + COMMAND, file=sys.stderr)
         return 2
     if not cfg.no_build:
-        log("cargo build --release --bin pm_cs --example wire_bench --example spawn_floor")
+        log(f"cargo build --release --bin pm_cs, examples {', '.join(EXAMPLES)}")
         subprocess.run(
-            ["cargo", "build", "--release", "--bin", "pm_cs", "--example", "wire_bench", "--example", "spawn_floor"],
+            ["cargo", "build", "--release", "--bin", "pm_cs", *[f"--example={e}" for e in EXAMPLES]],
             cwd=REPO,
             check=True,
         )
