@@ -126,6 +126,17 @@ mod tests {
                 .unwrap()
         };
         let mut children = vec![spawn("a"), spawn("a"), spawn("b")];
+        // `spawn` returns once the child's new program is mapped, a moment before the kernel records where its
+        // environment is: until then `/proc/<pid>/environ` reads empty. Wait for the markers to show.
+        for child in &children {
+            let environ = format!("/proc/{}/environ", child.id());
+            let shows = || std::fs::read(&environ).is_ok_and(|e| e.windows(20).any(|w| w == b"PROCMAN_SCAN_TEST_ID"));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !shows() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert!(shows(), "the marker of child {} never showed", child.id());
+        }
         let scans = MarkerScans::new("PROCMAN_SCAN_TEST_ID", "PROCMAN_SCAN_TEST_OWNER", owner.clone());
         let ids = ["a", "b", "c"];
         let rxs: Vec<_> = (0..60).map(|i| scans.request(ids[i % 3])).collect();

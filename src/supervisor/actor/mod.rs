@@ -1,6 +1,7 @@
 //! The state machine of one process: a task that owns the process and reacts to commands, exits (from the
-//! reaper or a pidfd), readiness results and its own timers. It never blocks: spawning is the only system call
-//! of note, and waiting (backoff, stop timeout, group-empty checks) is done with timers.
+//! reaper or a pidfd), readiness results and its own timers. It never blocks: spawning, and reading its own
+//! process's `/proc/<pid>/stat` and `cmdline`, are its only system calls of note (scans of all of `/proc` run on
+//! the blocking pool, `scan.rs`), and waiting (backoff, stop timeout, group-empty checks) is done with timers.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
