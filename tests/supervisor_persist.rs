@@ -250,32 +250,39 @@ async fn reused_pid_is_never_adopted() {
     guard.kill_all();
 }
 
+/// A supervised `sh` that waits for a flag file, then `exec`s `sleep <arg>`: (the harness, the flag, the pid).
+async fn wrapper_that_execs(tag: &str, arg: &str) -> (Harness, std::path::PathBuf, i32) {
+    let dir = TempDir::new(tag);
+    let flag = dir.path().join("go");
+    // The child waits for the test's flag file (its own short polling), then becomes `sleep <arg>`.
+    let script = format!(r#"while [ ! -e "$0" ]; do sleep 0.01; done; exec sleep {arg}"#);
+    let mut d = def("wrapped", &["sh", "-c", &script, flag.to_str().unwrap()]);
+    d.autostart = true;
+    let cfg = config(dir.path());
+    let h = Harness::start_with(dir, cfg, vec![d], None);
+    let pid = h.wait_state("wrapped", ProcessState::Running, T).await.pid.unwrap();
+    (h, flag, pid)
+}
+
+/// The command line of the first process in the state file, if the file reads.
+fn saved_cmdline(h: &Harness) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(h.dir.path().join("state").join(STATE_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(v["processes"][0]["process"]["cmdline"].clone())
+}
+
 /// A wrapper that `exec`s its real program once it is RUNNING: the next save writes the command line it
 /// ends with (what a restarted supervisor compares), not the one read at the spawn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_save_after_a_wrapper_execs_holds_its_new_command_line() {
-    let dir = TempDir::new("persist-wrapper");
-    let flag = dir.path().join("go");
-    // The child waits for the test's flag file (its own short polling), then becomes `sleep 1000.93`.
-    let script = r#"while [ ! -e "$0" ]; do sleep 0.01; done; exec sleep 1000.93"#;
-    let mut d = def("wrapped", &["sh", "-c", script, flag.to_str().unwrap()]);
-    d.autostart = true;
-    let cfg = config(dir.path());
-    let state_file = cfg.state_dir.join(STATE_FILE);
-    let h = Harness::start_with(dir, cfg, vec![d], None);
-    let pid = h.wait_state("wrapped", ProcessState::Running, T).await.pid.unwrap();
-    let saved_cmdline = || {
-        let text = std::fs::read_to_string(&state_file).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        v["processes"][0]["process"]["cmdline"].clone()
-    };
+    let (h, flag, pid) = wrapper_that_execs("persist-wrapper", "1000.93").await;
     h.sup.flush_state().await;
-    assert_eq!(saved_cmdline()[0], "sh", "{}", saved_cmdline());
+    assert_eq!(saved_cmdline(&h).unwrap()[0], "sh", "{:?}", saved_cmdline(&h));
     std::fs::write(&flag, b"").unwrap();
     let execd = eventually(T, || sys::cmdline(pid).is_ok_and(|c| c == ["sleep", "1000.93"])).await;
     assert!(execd, "the wrapper never exec'd: {:?}", sys::cmdline(pid));
     h.sup.flush_state().await;
-    assert_eq!(saved_cmdline(), serde_json::json!(["sleep", "1000.93"]));
+    assert_eq!(saved_cmdline(&h), Some(serde_json::json!(["sleep", "1000.93"])));
     h.sup.shutdown(true).await;
     h.guard.kill_all();
 }
@@ -284,22 +291,8 @@ async fn a_save_after_a_wrapper_execs_holds_its_new_command_line() {
 /// state file gets the new one without anyone asking for a flush.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrapper_exec_reaches_the_state_file_without_a_flush() {
-    let dir = TempDir::new("persist-exec");
-    let flag = dir.path().join("go");
-    let script = r#"while [ ! -e "$0" ]; do sleep 0.01; done; exec sleep 1000.94"#;
-    let mut d = def("wrapped", &["sh", "-c", script, flag.to_str().unwrap()]);
-    d.autostart = true;
-    let cfg = config(dir.path());
-    let state_file = cfg.state_dir.join(STATE_FILE);
-    let h = Harness::start_with(dir, cfg, vec![d], None);
-    let pid = h.wait_state("wrapped", ProcessState::Running, T).await.pid.unwrap();
+    let (h, flag, pid) = wrapper_that_execs("persist-exec", "1000.94").await;
     let spawned = std::time::Instant::now();
-    let saved_cmdline = || {
-        std::fs::read_to_string(&state_file)
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .map(|v| v["processes"][0]["process"]["cmdline"].clone())
-    };
     std::fs::write(&flag, b"").unwrap();
     let execd = eventually(T, || sys::cmdline(pid).is_ok_and(|c| c == ["sleep", "1000.94"])).await;
     assert!(execd, "the wrapper never exec'd: {:?}", sys::cmdline(pid));
@@ -307,9 +300,9 @@ async fn a_wrapper_exec_reaches_the_state_file_without_a_flush() {
     if spawned.elapsed() < Duration::from_millis(1500) {
         let new = Some(serde_json::json!(["sleep", "1000.94"]));
         assert!(
-            eventually(T, || saved_cmdline() == new).await,
+            eventually(T, || saved_cmdline(&h) == new).await,
             "state file still holds {:?}",
-            saved_cmdline()
+            saved_cmdline(&h)
         );
     } else {
         println!(

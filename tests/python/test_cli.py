@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -126,25 +127,35 @@ def test_start_bg_status_stop(no_daemon: Ports) -> None:
             kill_pid(pid)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_start_in_the_foreground_stops_on_a_signal(no_daemon: Ports, sig: signal.Signals) -> None:
+@contextlib.contextmanager
+def foreground_daemon(stdout: int, stderr: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``procman_cs start`` in the foreground with the given output streams, answering on the session ports;
+    stopped by pid and its pipes closed afterwards."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "egse.procman.procman_cs", "start"],
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
         cwd=SESSION_DIR,
+        env=env,
     )
     try:
         assert wait_until(lambda: proc.poll() is not None or is_active(PORTS.commanding), 20)
         assert proc.poll() is None
+        yield proc
+    finally:
+        stop_process(proc)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_start_in_the_foreground_stops_on_a_signal(no_daemon: Ports, sig: signal.Signals) -> None:
+    with foreground_daemon(subprocess.PIPE, subprocess.DEVNULL) as proc:
         proc.send_signal(sig)
         assert proc.wait(60) == 0
         assert proc.stdout is not None and proc.stdout.read() == b""
-    finally:
-        stop_process(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def test_a_stderr_nobody_reads_never_stops_the_daemon(no_daemon: Ports) -> None:
@@ -153,36 +164,25 @@ def test_a_stderr_nobody_reads_never_stops_the_daemon(no_daemon: Ports) -> None:
     logged, so 3,000 requests write several times the 64 KiB a pipe holds."""
     import zmq
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "egse.procman.procman_cs", "start"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=SESSION_DIR,
-        env={**os.environ, "PROCMAN_LOG": "debug"},
-    )
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        assert wait_until(lambda: proc.poll() is not None or is_active(PORTS.commanding), 20)
-        assert proc.poll() is None
-        sock.connect(f"tcp://127.0.0.1:{PORTS.commanding}")
-        ping = pickle.dumps("Ping", protocol=4)
-        for i in range(3000):
-            sock.send(ping)
-            assert sock.poll(10_000), f"no reply to request {i}: the daemon is stuck on its log output"
-            assert pickle.loads(sock.recv()) == "Pong"
+    env = {**os.environ, "PROCMAN_LOG": "debug"}
+    with foreground_daemon(subprocess.DEVNULL, subprocess.PIPE, env) as proc:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(f"tcp://127.0.0.1:{PORTS.commanding}")
+            ping = pickle.dumps("Ping", protocol=4)
+            for i in range(3000):
+                sock.send(ping)
+                assert sock.poll(10_000), f"no reply to request {i}: the daemon is stuck on its log output"
+                assert pickle.loads(sock.recv()) == "Pong"
+        finally:
+            sock.close(0)
+            ctx.term()
         assert proc.stderr is not None
         os.set_blocking(proc.stderr.fileno(), False)
         held = proc.stderr.read() or b""
         assert len(held) >= 60_000, f"only {len(held)} bytes of log: the pipe never filled, nothing was tested"
-    finally:
-        sock.close(0)
-        ctx.term()
-        stop_process(proc)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def test_start_fails_readably_when_a_port_is_taken(no_daemon: Ports) -> None:
