@@ -243,22 +243,48 @@ fn sets_and_dicts_deduplicate_like_python() {
         dec(p),
         Ok(Value::Dict(vec![(Value::Int(1), s("c")), (s("k"), Value::Int(2))]))
     );
-    // SETITEM one by one, past the hash-index threshold, with a duplicate at the end.
-    let mut p = b"\x80\x04}".to_vec();
-    for i in 0..20u8 {
-        p.extend([b'K', i, b'K', i, b's']);
+    // SETITEM one by one, with a duplicate at the end: below the hash-index threshold (a linear scan) and
+    // past it (the index), with int keys and with string keys.
+    for n in [20u8, 40] {
+        let mut p = b"\x80\x04}".to_vec();
+        for i in 0..n {
+            p.extend([b'K', i, b'K', i, b's']);
+        }
+        p.extend(b"K\x05K\x63s.");
+        let Ok(Value::Dict(pairs)) = dec(&p) else {
+            panic!("dict expected")
+        };
+        assert_eq!(pairs.len(), usize::from(n));
+        assert_eq!(pairs.get(5), Some(&(Value::Int(5), Value::Int(99))));
+
+        let mut p = b"\x80\x04}".to_vec();
+        for i in 0..n {
+            p.extend([b'\x8c', 2, b'k', b'0' + i, b'K', i, b's']);
+        }
+        // "k5" again, and a key of other text with the same length, and the int 5 (not equal to "k5").
+        p.extend(b"\x8c\x02k5K\x63s\x8c\x02zzK\x01sK\x05K\x02s.");
+        let Ok(Value::Dict(pairs)) = dec(&p) else {
+            panic!("dict expected")
+        };
+        assert_eq!(pairs.len(), usize::from(n) + 2);
+        assert_eq!(pairs.get(5), Some(&(s("k5"), Value::Int(99))));
+        assert_eq!(pairs.last(), Some(&(Value::Int(5), Value::Int(2))));
     }
-    p.extend(b"K\x05K\x63s.");
-    let Ok(Value::Dict(pairs)) = dec(&p) else {
-        panic!("dict expected")
-    };
-    assert_eq!(pairs.len(), 20);
-    assert_eq!(pairs.get(5), Some(&(Value::Int(5), Value::Int(99))));
     // Sets: {1, True, 2, 2} == {1, 2}
     assert_eq!(
         dec(b"\x80\x04\x8f(K\x01\x88K\x02K\x02\x90."),
         Ok(Value::Set(vec![Value::Int(1), Value::Int(2)]))
     );
+    // ... and a set past the threshold: 40 members, then each of them again.
+    let mut p = b"\x80\x04\x8f(".to_vec();
+    for i in (0..40u8).chain(0..40) {
+        p.extend([b'\x8c', 1, b'0' + i]);
+    }
+    p.extend(b"\x90.");
+    let Ok(Value::Set(members)) = dec(&p) else {
+        panic!("set expected")
+    };
+    assert_eq!(members.len(), 40);
     // Keys whose equality we cannot know (tuples, instances) are kept as they are.
     assert_eq!(
         dec(b"\x80\x04}(K\x01\x85K\x01K\x01\x85K\x02u."),
