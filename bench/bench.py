@@ -631,6 +631,7 @@ ROWS: list[tuple[str, str, str, float, str, tuple[str, float] | None]] = [
     ("the machine's floor: round trips over 1 ms", "rtt_floor.over_1ms", "", 1, "floor", None),
     ("Ping requests/s, one socket (Rust client)", "ping_rust.rps", "req/s", 1, "higher", None),
     ("server CPU per Ping, sequential (Rust client)", "cpu_ping_rust_us", "µs", 1, "lower", ("<=", 12)),
+    ("the machine's floor: CPU of rtt_floor's echoing thread per round trip (it only sleeps in read, wakes, writes)", "rtt_floor.echo_cpu_us_per_rt", "µs", 1, "floor", None),
     ("8 concurrent clients, requests/s (Python clients)", "throughput_py.rps", "req/s", 1, "higher", (">=", 20000)),
     ("8 concurrent clients, p99 (Python clients)", "throughput_py.p99_us", "µs", 1, "lower", None),
     ("server CPU per Ping, 8 clients (Python clients)", "cpu_throughput_py_us", "µs", 1, "lower", ("<=", 12)),
