@@ -426,7 +426,8 @@ def phase_sup_crash_stop(spec: dict[str, Any]) -> dict[str, Any]:
 
 def phase_sup_start_rounds(spec: dict[str, Any]) -> dict[str, Any]:
     """For bench/profile.sh: ``rounds`` × (start N → all RUNNING, stop N → all STOPPED), with a profiler told
-    through its control FIFO (``perf record --control fifo:ctl,ack``) to record the starts only."""
+    through its control FIFO (``perf record --control fifo:ctl,ack``) to record the starts only. Both are
+    timed (for A/B runs of two binaries)."""
     ctx, c, ev, start_req, stop_req = _supervisor_setup(spec)
     ids: list[str] = spec["ids"]
     idset = set(ids)
@@ -438,7 +439,7 @@ def phase_sup_start_rounds(spec: dict[str, Any]) -> dict[str, Any]:
             with open(spec["ack"]) as ack:
                 ack.readline()
 
-    running, returned = [], []
+    running, returned, stopped, stop_returned = [], [], [], []
     for _ in range(spec.get("rounds", 5)):
         ev.drain()
         control("enable")
@@ -452,13 +453,22 @@ def phase_sup_start_rounds(spec: dict[str, Any]) -> dict[str, Any]:
         running.append(t_last - t0)
         returned.append(t_ret - t0)
         ev.drain()
+        t0 = time.perf_counter()
         for i in ids:
             c.raw(stop_req[i])
-        ev.wait(lambda e: e["id"] in idset and e["new_state"] == "STOPPED", len(ids))
+        t_ret = time.perf_counter()
+        t_last, _ = ev.wait(lambda e: e["id"] in idset and e["new_state"] == "STOPPED", len(ids))
+        stopped.append(t_last - t0)
+        stop_returned.append(t_ret - t0)
     ev.sock.close(0)
     c.close()
     ctx.term()
-    return {"all_running": stats(running), "calls_returned": stats(returned)}
+    return {
+        "all_running": stats(running),
+        "calls_returned": stats(returned),
+        "all_stopped": stats(stopped),
+        "stop_calls_returned": stats(stop_returned),
+    }
 
 
 def phase_table_call(spec: dict[str, Any]) -> dict[str, Any]:

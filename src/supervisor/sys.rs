@@ -109,16 +109,34 @@ fn strip_var<'a>(entry: &'a [u8], name: &str) -> Option<&'a [u8]> {
 /// Live (non-zombie) processes other than this one that carry `owner_var=owner`, by the value of their
 /// `id_var` (both variables required), in one walk that reads each environment once. A `/proc` scan: call it
 /// off the async runtime (see `scan.rs`).
+///
+/// The environment is read first, into one reused buffer, and `stat` only for the few processes that carry
+/// the marker: four system calls per process instead of about fourteen (`fs::read` sizes its buffer with a
+/// `statx` that `/proc` answers with 0, then grows it read by read), and a burst of stops walks many times.
 pub fn marked_processes_by_id(id_var: &str, owner_var: &str, owner: &str) -> HashMap<String, Vec<ProcStat>> {
+    use std::fmt::Write;
+    use std::io::Read;
     let me = std::process::id() as i32;
     let mut out: HashMap<String, Vec<ProcStat>> = HashMap::new();
-    for p in all_processes() {
-        if p.pid == me || p.state == 'Z' {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    let mut raw = Vec::with_capacity(16 * 1024);
+    let mut path = String::with_capacity(32);
+    for pid in dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+    {
+        if pid == me {
             continue;
         }
-        let Ok(raw) = fs::read(format!("/proc/{}/environ", p.pid)) else {
+        path.clear();
+        let _ = write!(path, "/proc/{pid}/environ");
+        raw.clear();
+        // A zombie or a kernel thread reads empty; another user's process is unreadable: neither is ours.
+        if fs::File::open(&path).and_then(|mut f| f.read_to_end(&mut raw)).is_err() {
             continue;
-        };
+        }
         let (mut id, mut owner_ok) = (None, false);
         for entry in raw.split(|b| *b == 0) {
             if let Some(v) = strip_var(entry, id_var) {
@@ -128,7 +146,9 @@ pub fn marked_processes_by_id(id_var: &str, owner_var: &str, owner: &str) -> Has
             }
         }
         if let (Some(id), true) = (id, owner_ok) {
-            out.entry(id).or_default().push(p);
+            if let Some(p) = stat(pid).filter(|p| p.state != 'Z') {
+                out.entry(id).or_default().push(p);
+            }
         }
     }
     out
