@@ -589,6 +589,8 @@ def machine() -> dict[str, Any]:
         "memory": first("/proc/meminfo", "MemTotal"),
         "kernel": platform.release(),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+        # A stop walks /proc for escaped processes: its cost grows with the processes on the machine.
+        "processes": sum(1 for p in Path("/proc").iterdir() if p.name.isdigit()),
         "rustc": out(["rustc", "--version"]),
         "procman_commit": out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
         + ("+dirty" if out(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"]) else ""),
@@ -849,7 +851,7 @@ def main() -> int:
     header = (
         f"Measured {m['date_utc']} with `{results['command']}` on {m['cpu']} ({m['cores']} cores, {m['memory']}), "
         f"Linux {m['kernel']}, load average {' '.join(m['loadavg'])} at the start and "
-        f"{' '.join(m['loadavg_end'])} at the end; procman {m['procman_commit']} ({m['rustc']}); original "
+        f"{' '.join(m['loadavg_end'])} at the end, {m.get('processes', '?')} processes on the machine at the start; procman {m['procman_commit']} ({m['rustc']}); original "
         f"cgse-core {m['cgse_core']} on Python {m['reference_python']}; clients pyzmq {m['pyzmq']} "
         f"(libzmq {m['libzmq']})."
     )
