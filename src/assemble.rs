@@ -430,14 +430,15 @@ pub async fn integrations(config: &DaemonConfig) -> Result<Integrations, DaemonE
         Some(s) => controller.with_peer_status("metrics", s),
         None => controller,
     };
-    controller.define_all().await;
+    let controller = Arc::new(controller);
+    controller.define_all_in_background();
     lifecycle.push(Arc::new(SupervisorLifecycle {
         handle: supervisor.clone(),
         stop_children: config.procman.stop_children_on_exit,
     }));
     lifecycle.push(Arc::new(LoggerFlush));
     Ok(Integrations {
-        commanding: Arc::new(controller),
+        commanding: controller,
         storage,
         housekeeping: Housekeeping::new(sampler.clone(), Some(Arc::new(SupervisorCounts(supervisor)))),
         lifecycle,

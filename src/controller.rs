@@ -138,6 +138,8 @@ pub struct Controller {
     peers: Vec<(String, PeerStatus)>,
     /// The device launchers a client may name; listed once (lazily) per table, again after `reload`.
     launchers: tokio::sync::Mutex<Option<Arc<Launchers>>>,
+    /// False while [`Self::define_all_in_background`] runs: table commands wait for it (`Ping` does not).
+    defined: tokio::sync::watch::Sender<bool>,
 }
 
 /// Where one integration stands now, as one line of text.
@@ -260,6 +262,7 @@ impl Controller {
             storage: None,
             peers: Vec::new(),
             launchers: tokio::sync::Mutex::new(None),
+            defined: tokio::sync::watch::Sender::new(true),
         }
     }
 
@@ -345,6 +348,32 @@ impl Controller {
             }
         }
         out
+    }
+
+    /// [`Self::define_all`] on a task of its own, so that the daemon serves (and answers `Ping`) while the
+    /// Setup is asked from the Configuration Manager and the definitions are made: with the CGSE services up
+    /// that was most of the start-up. Until it is done, every table command waits for it, so no reply ever
+    /// shows a half-defined table.
+    pub fn define_all_in_background(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        self.defined.send_replace(false);
+        let me = self.clone();
+        tokio::spawn(async move {
+            // Released even if the definitions panic: a waiting command must not wait forever.
+            struct Done<'a>(&'a tokio::sync::watch::Sender<bool>);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.send_replace(true);
+                }
+            }
+            let _done = Done(&me.defined);
+            me.define_all().await;
+        })
+    }
+
+    async fn wait_defined(&self) {
+        let mut rx = self.defined.subscribe();
+        // The sender lives in `self`: the wait ends when the definitions are done.
+        let _ = rx.wait_for(|done| *done).await;
     }
 
     /// Define everything the table and the Setup describe (at daemon start).
@@ -796,6 +825,7 @@ fn device_spec(d: &Device, simulator: bool) -> Option<DeviceSpec> {
 impl Handler for Controller {
     fn handle(&self, call: Call) -> HandlerFuture<'_> {
         Box::pin(async move {
+            self.wait_defined().await;
             if call.name == "list_processes" {
                 call.bind(&[], 0)?;
                 return Ok(Reply::Pickled(self.list_processes()));
@@ -902,6 +932,87 @@ mod tests {
                 inherit_env: true,
             },
         }
+    }
+
+    /// A Setup source that answers only once told to: a Configuration Manager slow to answer.
+    struct HeldSetup(tokio::sync::watch::Receiver<bool>);
+
+    impl SetupSource for HeldSetup {
+        fn current(&self) -> crate::setup::SetupFuture<'_> {
+            Box::pin(async move {
+                let mut rx = self.0.clone();
+                let _ = rx.wait_for(|open| *open).await;
+                None
+            })
+        }
+
+        fn describe(&self) -> String {
+            "held".into()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn table_commands_wait_for_the_definitions_made_in_the_background() {
+        let dir = std::env::temp_dir().join(format!("procman-ctl-{}", uuid::Uuid::new_v4()));
+        let table = ProcessTable::from_yaml(
+            "python: python3\nallowed_programs: []\ncore_services:\n  HELD_01: {argv: [sleep, '1000'], autostart: false}\n",
+            "test",
+        )
+        .expect("table");
+        let (events, _rx) = tokio::sync::mpsc::channel(64);
+        let supervisor = crate::supervisor::Supervisor::spawn(
+            crate::supervisor::SupervisorConfig::new(dir.join("state"), dir.join("logs")),
+            Vec::new(),
+            events,
+            None,
+        )
+        .expect("supervisor");
+        let (open, held) = tokio::sync::watch::channel(false);
+        let controller = Arc::new(Controller::new(
+            Vec::new(),
+            Arc::new(HeldSetup(held)),
+            Arc::new(table),
+            None,
+            supervisor.clone(),
+            Pinger::new(Arc::new(crate::probe::NoLocator), std::time::Duration::from_secs(1)),
+            HashMap::new(),
+            Vec::new(),
+        ));
+        let list = |c: Arc<Controller>| async move {
+            let call = Call {
+                name: "list_processes".into(),
+                args: Vec::new(),
+                kwargs: Vec::new(),
+            };
+            match c.handle(call).await {
+                Ok(Reply::Pickled(bytes)) => crate::codec::decode(&bytes, &crate::codec::Limits::default()).ok(),
+                _ => None,
+            }
+        };
+        // Nothing to wait for before the background definitions begin.
+        assert!(list(controller.clone()).await.is_some());
+
+        let defining = controller.define_all_in_background();
+        let waiting = tokio::spawn(list(controller.clone()));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "answered before the definitions were made");
+
+        open.send_replace(true);
+        defining.await.expect("definitions");
+        let reply = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("answered once defined")
+            .expect("task")
+            .expect("a list_processes reply");
+        let Value::Dict(items) = &reply else {
+            panic!("not a dict: {reply:?}")
+        };
+        let Some(Value::List(records)) = crate::codec::dict_get(items, "processes") else {
+            panic!("no processes in {reply:?}")
+        };
+        assert_eq!(records.len(), 1, "{records:?}");
+        supervisor.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
