@@ -120,11 +120,7 @@ impl RemoteObject {
 
 /// A reply value as a Python object.
 pub fn to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
-    Converter {
-        py,
-        keys: HashMap::new(),
-    }
-    .convert(v)
+    Converter::new(py).convert(v)
 }
 
 /// Dict keys no longer than this are shared between the dicts of one reply.
@@ -141,6 +137,13 @@ struct Converter<'py, 'v> {
 }
 
 impl<'py, 'v> Converter<'py, 'v> {
+    fn new(py: Python<'py>) -> Self {
+        Converter {
+            py,
+            keys: HashMap::new(),
+        }
+    }
+
     fn convert(&mut self, v: &'v Value) -> PyResult<Bound<'py, PyAny>> {
         let py = self.py;
         Ok(match v {
@@ -196,10 +199,6 @@ impl<'py, 'v> Converter<'py, 'v> {
         }
         k.into_any()
     }
-}
-
-fn convert_all<'py>(py: Python<'py>, items: &[Value]) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    items.iter().map(|v| to_py(py, v)).collect()
 }
 
 fn int_from_le_bytes<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyAny>> {
@@ -267,7 +266,7 @@ fn build_known<'py>(py: Python<'py>, known: Known<'_>) -> PyResult<Bound<'py, Py
 /// `cls(*args)`, as unpickling a REDUCE does; if the constructor refuses the arguments, `cls.__new__`
 /// with them (exceptions keep them as `.args`), the state then fills in the rest.
 fn construct<'py>(py: Python<'py>, cls: &Bound<'py, PyAny>, args: &[Value]) -> PyResult<Bound<'py, PyAny>> {
-    let args = PyTuple::new(py, convert_all(py, args)?)?;
+    let args = PyTuple::new(py, Converter::new(py).convert_all(args)?)?;
     match cls.call1(args.clone()) {
         Ok(obj) => Ok(obj),
         Err(_) => {

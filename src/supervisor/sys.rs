@@ -118,15 +118,9 @@ pub fn marked_processes_by_id(id_var: &str, owner_var: &str, owner: &str) -> Has
     use std::io::Read;
     let me = std::process::id() as i32;
     let mut out: HashMap<String, Vec<ProcStat>> = HashMap::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return out;
-    };
     let mut raw = Vec::with_capacity(16 * 1024);
     let mut path = String::with_capacity(32);
-    for pid in dir
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-    {
+    for pid in pids() {
         if pid == me {
             continue;
         }
@@ -154,15 +148,18 @@ pub fn marked_processes_by_id(id_var: &str, owner_var: &str, owner: &str) -> Has
     out
 }
 
+/// The pids listed in `/proc` (none if it cannot be read).
+fn pids() -> impl Iterator<Item = i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+}
+
 /// Every process visible in `/proc`.
 pub fn all_processes() -> Vec<ProcStat> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-        .filter_map(stat)
-        .collect()
+    pids().filter_map(stat).collect()
 }
 
 /// Pids of the live (non-zombie) members of process group `pgid`, by a `/proc` scan.

@@ -463,7 +463,8 @@ impl<'a, 'l> Machine<'a, 'l> {
     /// `key_of(id) == Some(key)`, without building the key for the common cases (strings and ints).
     fn is_key(&self, id: Id, key: &Key<'a>) -> bool {
         match (self.nodes.get(id as usize), key) {
-            (Some(Node::Str(t)), Key::Str(k)) => t.len() == k.len() && t.len() <= MAX_DEDUP_KEY_BYTES && **t == **k,
+            // A `Key::Str` is never longer than MAX_DEDUP_KEY_BYTES, so equal text is within it too.
+            (Some(Node::Str(t)), Key::Str(k)) => **t == **k,
             (Some(Node::Str(_)), _) => false,
             (Some(Node::Int(i)), Key::Int(k)) => i == k,
             _ => self.key_of(id).as_ref() == Some(key),
