@@ -280,6 +280,10 @@ impl Lifecycle for LoggerFlush {
     fn stopping(&self) -> HookFuture<'_> {
         Box::pin(crate::cgse::logger::flush(Duration::from_millis(300)))
     }
+
+    fn runs_last(&self) -> bool {
+        true
+    }
 }
 
 /// How control servers are located by service type: the Service Registry (`discover`).

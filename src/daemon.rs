@@ -1,8 +1,9 @@
 //! The composition root: binds the three sockets, runs every task, and shuts down in order.
 //!
 //! Shutdown (SIGINT, SIGTERM or `quit_server`): stop accepting requests, let the requests in flight
-//! send their replies, run the integrations' shutdown hooks (deregister, unregister), then close the
-//! sockets — all within the configured shutdown timeout.
+//! send their replies, run the integrations' shutdown hooks (deregister, unregister, stop the supervisor:
+//! concurrently; the log flush after them), then close the sockets — all within the configured shutdown
+//! timeout.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -131,6 +132,11 @@ pub trait Lifecycle: Send + Sync {
     /// Where this integration stands now (e.g. "registered as …"), for logs and status; None = nothing to say.
     fn describe(&self) -> Option<String> {
         None
+    }
+    /// True for a hook whose `stopping` must run after every other one has finished (the log flush: the
+    /// others log what they did). The rest run concurrently: none waits for another's round trip.
+    fn runs_last(&self) -> bool {
+        false
     }
 }
 
@@ -353,26 +359,26 @@ pub async fn start(
         }
         let left = timeout.saturating_sub(started.elapsed());
         let hooks = async {
-            for hook in &lifecycle {
+            let (last, first): (Vec<_>, Vec<_>) = lifecycle.iter().partition(|h| h.runs_last());
+            let first = futures_util::future::join_all(first.iter().map(|h| h.stopping()));
+            futures_util::future::join(first, storage.shutdown()).await;
+            for hook in last {
                 hook.stopping().await;
             }
-            storage.shutdown().await;
         };
         if tokio::time::timeout(left, hooks).await.is_err() {
             warn!("shutdown hooks did not finish in time");
         }
+        debug!(elapsed_us = started.elapsed().as_micros() as u64, "shutdown hooks done");
         let left = timeout.saturating_sub(started.elapsed());
         let _ = tokio::time::timeout(left, tasks.wait()).await;
+        debug!(elapsed_us = started.elapsed().as_micros() as u64, "tasks done");
         // zmq.rs has no linger. The sockets are closed now; their writer tasks end once the last replies
         // (quit_server's among them) are on the wire (zmq.rs patch 10). Wait for that, bounded.
         let drain = Duration::from_millis(DRAIN_LIMIT_MS).min(timeout.saturating_sub(started.elapsed()));
-        let drained = tokio::time::timeout(drain, async {
-            while zeromq::limits::live_writers() > 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .is_ok();
+        let drained = tokio::time::timeout(drain, zeromq::limits::writers_drained())
+            .await
+            .is_ok();
         if !drained {
             debug!(
                 writers = zeromq::limits::live_writers(),

@@ -427,6 +427,92 @@ async fn a_busy_port_is_an_error_naming_it() {
     d.wait().await;
 }
 
+/// A shutdown hook that notes when its `stopping` starts and ends.
+struct Noting {
+    name: &'static str,
+    last: bool,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl procman::daemon::Lifecycle for Noting {
+    fn started(&self, _ports: procman::server::Ports) -> procman::daemon::HookFuture<'_> {
+        Box::pin(async {})
+    }
+
+    fn stopping(&self) -> procman::daemon::HookFuture<'_> {
+        Box::pin(async move {
+            self.log.lock().unwrap().push(format!("{} begins", self.name));
+            // Pending for a while, as a round trip to a peer would be.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.log.lock().unwrap().push(format!("{} ends", self.name));
+        })
+    }
+
+    fn runs_last(&self) -> bool {
+        self.last
+    }
+}
+
+/// The shutdown hooks (deregistration, the supervisor's stop, …) each wait on a peer: they run
+/// concurrently, and the log flush (`runs_last`) only after all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_hooks_run_together_and_the_last_one_after_them() {
+    let mut s = Settings::defaults().unwrap();
+    s.merge_yaml(
+        "Process Manager Control Server:\n    COMMANDING_PORT: 0\n    MONITORING_PORT: 0\n    SERVICE_PORT: 0\n\
+         Procman:\n    BIND_ADDRESS: 127.0.0.1\n",
+        "test",
+    )
+    .unwrap();
+    let config = DaemonConfig::from_parts(s, Env::from_lookup(|_| None)).unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hook = |name, last| -> std::sync::Arc<dyn procman::daemon::Lifecycle> {
+        std::sync::Arc::new(Noting {
+            name,
+            last,
+            log: log.clone(),
+        })
+    };
+    let sampler = std::sync::Arc::new(procman::monitor::StatusSampler::new());
+    let integrations = procman::daemon::Integrations {
+        commanding: std::sync::Arc::new(NoCommands),
+        storage: std::sync::Arc::new(procman::cgse::storage::LocalCsv::new(
+            tempdir("csv"),
+            "T".into(),
+            "PM".into(),
+        )),
+        housekeeping: procman::housekeeping::Housekeeping::new(sampler.clone(), None),
+        lifecycle: vec![hook("flush", true), hook("registry", false), hook("supervisor", false)],
+        events: None,
+        sampler,
+    };
+    let d = daemon::start(
+        config,
+        integrations,
+        std::sync::Arc::new(RecordingLogControl::default()),
+    )
+    .await
+    .unwrap();
+    d.stop();
+    tokio::time::timeout(Duration::from_secs(10), d.wait())
+        .await
+        .expect("shutdown");
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 6, "{log:?}");
+    let mut firsts: Vec<&str> = log[..2].iter().map(String::as_str).collect();
+    firsts.sort_unstable();
+    assert_eq!(
+        firsts,
+        ["registry begins", "supervisor begins"],
+        "both begin before either ends: {log:?}"
+    );
+    assert_eq!(
+        &log[4..],
+        ["flush begins", "flush ends"],
+        "the flush comes after the others: {log:?}"
+    );
+}
+
 struct NoCommands;
 impl procman::server::Handler for NoCommands {
     fn handle(&self, call: procman::server::Call) -> procman::server::HandlerFuture<'_> {
