@@ -398,24 +398,9 @@ async fn a_busy_port_is_an_error_naming_it() {
     )
     .unwrap();
     let config = DaemonConfig::from_parts(s, Env::from_lookup(|_| None)).unwrap();
-    let integrations = procman::daemon::Integrations {
-        commanding: std::sync::Arc::new(NoCommands),
-        storage: std::sync::Arc::new(procman::cgse::storage::LocalCsv::new(
-            tempdir("csv"),
-            "T".into(),
-            "PM".into(),
-        )),
-        housekeeping: procman::housekeeping::Housekeeping::new(
-            std::sync::Arc::new(procman::monitor::StatusSampler::new()),
-            None,
-        ),
-        lifecycle: vec![],
-        events: None,
-        sampler: std::sync::Arc::new(procman::monitor::StatusSampler::new()),
-    };
     let err = daemon::start(
         config,
-        integrations,
+        bare_integrations(vec![]),
         std::sync::Arc::new(RecordingLogControl::default()),
     )
     .await
@@ -473,26 +458,17 @@ async fn shutdown_hooks_run_together_and_the_last_one_after_them() {
             log: log.clone(),
         })
     };
-    let sampler = std::sync::Arc::new(procman::monitor::StatusSampler::new());
-    let integrations = procman::daemon::Integrations {
-        commanding: std::sync::Arc::new(NoCommands),
-        storage: std::sync::Arc::new(procman::cgse::storage::LocalCsv::new(
-            tempdir("csv"),
-            "T".into(),
-            "PM".into(),
-        )),
-        housekeeping: procman::housekeeping::Housekeeping::new(sampler.clone(), None),
-        lifecycle: vec![hook("flush", true), hook("registry", false), hook("supervisor", false)],
-        events: None,
-        sampler,
+    let hooks = vec![hook("flush", true), hook("registry", false), hook("supervisor", false)];
+    let d = {
+        let _limit = FRAME_LIMIT.read().await;
+        daemon::start(
+            config,
+            bare_integrations(hooks),
+            std::sync::Arc::new(RecordingLogControl::default()),
+        )
+        .await
+        .unwrap()
     };
-    let d = daemon::start(
-        config,
-        integrations,
-        std::sync::Arc::new(RecordingLogControl::default()),
-    )
-    .await
-    .unwrap();
     d.stop();
     tokio::time::timeout(Duration::from_secs(10), d.wait())
         .await
@@ -511,6 +487,23 @@ async fn shutdown_hooks_run_together_and_the_last_one_after_them() {
         ["flush begins", "flush ends"],
         "the flush comes after the others: {log:?}"
     );
+}
+
+/// No commands, housekeeping to a local CSV, and the given lifecycle hooks: a daemon with nothing around it.
+fn bare_integrations(lifecycle: Vec<std::sync::Arc<dyn procman::daemon::Lifecycle>>) -> procman::daemon::Integrations {
+    let sampler = std::sync::Arc::new(procman::monitor::StatusSampler::new());
+    procman::daemon::Integrations {
+        commanding: std::sync::Arc::new(NoCommands),
+        storage: std::sync::Arc::new(procman::cgse::storage::LocalCsv::new(
+            tempdir("csv"),
+            "T".into(),
+            "PM".into(),
+        )),
+        housekeeping: procman::housekeeping::Housekeeping::new(sampler.clone(), None),
+        lifecycle,
+        events: None,
+        sampler,
+    }
 }
 
 struct NoCommands;
