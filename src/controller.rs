@@ -371,6 +371,10 @@ impl Controller {
     }
 
     async fn wait_defined(&self) {
+        // Every table command passes here: once defined, no receiver is made.
+        if *self.defined.borrow() {
+            return;
+        }
         let mut rx = self.defined.subscribe();
         // The sender lives in `self`: the wait ends when the definitions are done.
         let _ = rx.wait_for(|done| *done).await;
